@@ -1,0 +1,64 @@
+"""Modalities the engine knows, derived from ONE table of scalar specs.
+
+A scalar modality is a catalogue column with a binning and a unit. Everything else (the
+tokenizer's column list, the model's token streams, the FITS units of joined outputs and
+the bit of each input in the ``flags`` column) is derived from :data:`SCALARS`; adding a
+column is adding a row here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ConfigError
+
+BINNINGS = ("quantile", "linear", "log")
+
+
+@dataclass(frozen=True)
+class ScalarSpec:
+    name: str  # token key, e.g. "mag_r"
+    column: str  # default catalogue column
+    binning: str  # one of BINNINGS
+    unit: str  # astropy unit string ("mag", "" for dimensionless)
+    description: str
+    error_column: str | None = None  # 1-sigma error column, used by fit-time row filters
+
+    def __post_init__(self) -> None:
+        if self.binning not in BINNINGS:
+            raise ConfigError(
+                f"ScalarSpec {self.name!r}: binning={self.binning!r} is not one of {BINNINGS}"
+            )
+
+
+SCALARS: tuple[ScalarSpec, ...] = (
+    *(
+        ScalarSpec(
+            f"mag_{b}", f"mag_{b}", "quantile", "mag", f"SDSS {b}-band model magnitude (AB)", f"magerr_{b}"
+        )
+        for b in "ugriz"
+    ),
+    ScalarSpec("redshift", "z_spec", "quantile", "", "spectroscopic redshift"),
+)
+
+SCALARS_BY_NAME = {spec.name: spec for spec in SCALARS}
+
+
+def scalar_spec(name: str) -> ScalarSpec:
+    try:
+        return SCALARS_BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown scalar modality {name!r}; known: {sorted(SCALARS_BY_NAME)}") from None
+
+
+# Redshift summaries written by the embed job, with their units and descriptions (FITS headers).
+Z_PHOT_COLUMNS: dict[str, str] = {
+    "z_phot_mean": "mean of the predicted redshift distribution p(z)",
+    "z_phot_median": "median of p(z)",
+    "z_phot_mode": "centre of the most probable redshift bin of p(z)",
+    "z_phot_std": "standard deviation of p(z)",
+    "z_phot_l68": "lower bound of the central 68% interval of p(z) (16th percentile)",
+    "z_phot_u68": "upper bound of the central 68% interval of p(z) (84th percentile)",
+    "z_phot_l95": "lower bound of the central 95% interval of p(z) (2.5th percentile)",
+    "z_phot_u95": "upper bound of the central 95% interval of p(z) (97.5th percentile)",
+}

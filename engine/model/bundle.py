@@ -1,0 +1,140 @@
+"""A model directory: weights (safetensors) + JSON config + tokenizer state + version string.
+
+``ModelBundle.load(dir)`` is what every stage calls once in its ``__init__``; ``predict``
+runs a batch of tokens through the model on the chosen device and precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import engine
+from engine.errors import ConfigError, ModelError
+from engine.model.config import ModelConfig
+from engine.model.redshift import softmax, summarize
+from engine.model.transformer import MultimodalTransformer
+from engine.tokenizers.scalar import ScalarTokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REDSHIFT = "redshift"
+
+
+def resolve_device_dtype(precision: str, use_gpu: bool) -> tuple[torch.device, torch.dtype | None]:
+    """Device and autocast dtype (None = plain fp32) for a precision name."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {PRECISIONS}")
+    gpu = use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    if precision == "auto":
+        if not gpu:
+            return device, None
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return device, None
+    if precision == "fp16" and not gpu:
+        raise ConfigError("--precision fp16 needs a GPU (autocast fp16 on CPU is slow and lossy); use bf16 or fp32 on CPU")
+    return device, torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+@dataclass
+class ModelBundle:
+    model: MultimodalTransformer
+    tokenizer: ScalarTokenizer
+    meta: dict  # model_id, version, inputs {modality: column}, temperature, training info
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def input_columns(self) -> dict[str, str]:
+        """Input modality -> catalogue column, in the model's token order (= flag bit order)."""
+        return {m: self.meta["inputs"][m] for m in self.config.input_modalities}
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.meta['model_id']}@{self.meta['version']}"
+
+    def redshift_bins(self) -> tuple[np.ndarray, np.ndarray]:
+        col = self.meta["target_columns"][REDSHIFT]
+        return self.tokenizer.edges[col], self.tokenizer.centres[col]
+
+    # ---- inference -----------------------------------------------------------------------
+    def to(self, device: torch.device) -> "ModelBundle":
+        self.model.to(device).eval()
+        return self
+
+    @torch.inference_mode()
+    def predict(self, tokens: np.ndarray, valid: np.ndarray, autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+        """(B, T) tokens + validity -> embedding (B, D) float32 and the z_phot_* columns.
+
+        Rows with no valid input get NaN embeddings and NaN redshifts (their flags say why).
+        """
+        device = next(self.model.parameters()).device
+        tok = torch.as_tensor(tokens, dtype=torch.long, device=device)
+        val = torch.as_tensor(valid, dtype=torch.bool, device=device)
+        ctx = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            emb, logits = self.model(tok, val, [REDSHIFT])
+        emb = emb.float().cpu().numpy()
+        probs = softmax(logits[REDSHIFT].float().cpu().numpy().astype(np.float64), self.meta.get("temperature", 1.0))
+        out = {"embedding": emb, **summarize(probs, *self.redshift_bins())}
+        empty = ~np.asarray(valid).any(axis=1)
+        if empty.any():
+            for v in out.values():
+                v[empty] = np.nan
+        return out
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, model_dir: str | Path, extra: dict | None = None) -> Path:
+        d = Path(model_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(d / WEIGHTS))
+        digest = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()[:12]
+        self.meta = {**self.meta, **(extra or {}), "version": f"{engine.__version__}+{digest}"}
+        config = {"format_version": FORMAT_VERSION, "model": self.config.to_dict(), **self.meta}
+        (d / CONFIG).write_text(json.dumps(config, indent=2))
+        self.tokenizer.save(d / TOKENIZER)
+        return d
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ModelBundle":
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise ModelError(f"model directory {d} does not exist")
+        missing = [f for f in (WEIGHTS, CONFIG, TOKENIZER) if not (d / f).is_file()]
+        if missing:
+            raise ModelError(
+                f"model directory {d} lacks {missing}; a model dir holds {WEIGHTS}, {CONFIG} and {TOKENIZER} "
+                f"(train one with `python jobs/train.py --catalog ... --out {d}`)"
+            )
+        raw = json.loads((d / CONFIG).read_text())
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{d / CONFIG}: format_version={raw.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
+        cfg = ModelConfig.from_dict(raw.pop("model"))
+        raw.pop("format_version")
+        model = MultimodalTransformer(cfg)
+        try:
+            model.load_state_dict(load_file(str(d / WEIGHTS)))
+        except RuntimeError as exc:
+            raise ModelError(f"{d / WEIGHTS} does not match the architecture in {d / CONFIG}: {exc}") from exc
+        return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=raw)

@@ -1,0 +1,262 @@
+"""Fit the tokenizer and train the multimodal model on a catalogue with spectroscopic redshifts.
+
+Split by a hash of ``object_id`` (see ``engine.sample.holdout_mask``): the holdout split is
+never used for fitting, early decisions or calibration; a separate validation split (another
+hash salt) calibrates the p(z) temperature. Training uses a 4M-style objective: each step
+hides a random subset of input streams and asks the decoder for redshift plus the hidden
+streams; magnitudes are re-drawn within their errors every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from engine.errors import CatalogError, ConfigError
+from engine.index.knn import knn_regress
+from engine.model.bundle import REDSHIFT, ModelBundle
+from engine.model.config import ModelConfig
+from engine.model.redshift import coverage, photoz_metrics, pit, softmax, summarize
+from engine.model.transformer import MultimodalTransformer
+from engine.modalities import SCALARS_BY_NAME
+from engine.sample import holdout_mask
+from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig, missing_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INPUTS = tuple(f"mag_{b}" for b in "ugriz")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_id: str = "sdss-mgs-photoz"
+    inputs: tuple[str, ...] = DEFAULT_INPUTS  # scalar modality names (engine.modalities.SCALARS)
+    id_column: str = "object_id"
+    z_column: str = "z_spec"
+    holdout_fraction: float = 0.2  # never trained on; scored at the end
+    val_fraction: float = 0.1  # of the rest; calibrates the p(z) temperature
+    epochs: int = 120
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    n_bins: int = 1024
+    label_sigma_bins: float = 4.0  # Gaussian smoothing of the target bin (in bins)
+    input_drop_prob: float = 0.25  # 4M objective: chance to hide each input stream (half the rows hide none)
+    recon_weight: float = 0.3
+    noise_augment: bool = True  # re-draw magnitudes within their errors each step
+    dim: int = 96
+    encoder_depth: int = 3
+    decoder_depth: int = 2
+    num_heads: int = 4
+    threads: int = 2
+    model: dict = field(default_factory=dict)  # extra ModelConfig fields
+
+    def __post_init__(self) -> None:
+        for name in self.inputs:
+            if name not in SCALARS_BY_NAME:
+                raise ConfigError(f"TrainConfig.inputs: unknown modality {name!r}; known: {sorted(SCALARS_BY_NAME)}")
+        for name in ("holdout_fraction", "val_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)}; expected 0 <= value < 1")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"TrainConfig: epochs={self.epochs}, batch_size={self.batch_size}; expected >= 1")
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return tuple(SCALARS_BY_NAME[m].column for m in self.inputs)
+
+    @property
+    def error_columns(self) -> tuple[str | None, ...]:
+        return tuple(SCALARS_BY_NAME[m].error_column for m in self.inputs)
+
+
+def read_training_table(paths: list[str], cfg: TrainConfig) -> pa.Table:
+    want = [cfg.id_column, *cfg.input_columns, cfg.z_column]
+    tables = []
+    for path in paths:
+        schema = pq.read_schema(path)
+        missing = [c for c in want if c not in schema.names]
+        if missing:
+            raise CatalogError(f"{path}: missing column(s) {missing}; training needs {want} (+ optional error columns)")
+        errs = [c for c in cfg.error_columns if c and c in schema.names]
+        tables.append(pq.read_table(path, columns=want + errs))
+    if not tables:
+        raise CatalogError("no training catalogue given")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def split_masks(ids: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    hold = holdout_mask(ids, cfg.holdout_fraction, salt=0)
+    val = holdout_mask(ids, cfg.val_fraction, salt=7) & ~hold
+    return {"train": ~hold & ~val, "val": val, "holdout": hold}
+
+
+class _Batches:
+    """Tokenizes (noisy) magnitudes for a set of rows; redshift tokens are fixed."""
+
+    def __init__(self, table: pa.Table, rows: np.ndarray, cfg: TrainConfig, tok: ScalarTokenizer) -> None:
+        self.cfg, self.tok = cfg, tok
+        self.values = np.stack([table[c].to_numpy()[rows] for c in cfg.input_columns], axis=1).astype(np.float64)
+        errs = [table[c].to_numpy()[rows] if c and c in table.column_names else np.zeros(len(rows)) for c in cfg.error_columns]
+        self.errors = np.nan_to_num(np.stack(errs, axis=1).astype(np.float64), nan=0.0, posinf=0.0)
+        self.errors[missing_mask(self.errors, tok.config.sentinels)] = 0.0
+        self.z = table[cfg.z_column].to_numpy()[rows].astype(np.float64)
+        z_tok = tok.encode({cfg.z_column: self.z})
+        self.z_tokens = z_tok.tokens[:, list(tok.config.columns).index(cfg.z_column)]
+
+    def tokens(self, idx: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        vals = self.values[idx]
+        if rng is not None:
+            vals = vals + rng.standard_normal(vals.shape) * self.errors[idx]
+        enc = self.tok.encode({c: vals[:, j] for j, c in enumerate(self.cfg.input_columns)})
+        n_in = len(self.cfg.input_columns)
+        return enc.tokens[:, :n_in], ~enc.missing[:, :n_in]
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Cross-entropy against a Gaussian-smoothed one-hot over ordered bins. logits (N, V), target (N,)."""
+    bins = torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+    soft = torch.exp(-0.5 * ((bins[None, :] - target[:, None].float()) / sigma) ** 2)
+    soft = soft / soft.sum(dim=1, keepdim=True)
+    return -(soft * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def _hide_inputs(valid: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """4M input masking: half the rows keep all inputs; the rest hide each with prob p (one always stays)."""
+    B, T = valid.shape
+    hide = (torch.rand(B, T, generator=gen) < p) & (torch.rand(B, 1, generator=gen) < 0.5)
+    keep = valid & ~hide
+    lost = ~keep.any(dim=1) & valid.any(dim=1)
+    if lost.any():  # restore the first valid input of rows that lost all
+        first = valid.float().argmax(dim=1)
+        keep[lost, first[lost]] = True
+    return keep
+
+
+def train(paths: list[str], cfg: TrainConfig, out_dir: str) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    table = read_training_table(paths, cfg)
+    ids = table[cfg.id_column].to_numpy()
+    z_all = table[cfg.z_column].to_numpy().astype(np.float64)
+    split = split_masks(ids, cfg)
+    split["train"] &= np.isfinite(z_all)
+    rows = {k: np.flatnonzero(v & np.isfinite(z_all)) for k, v in split.items()}
+    log.info("split: %s", {k: len(v) for k, v in rows.items()})
+
+    tok_cfg = ScalarTokenizerConfig(columns=cfg.input_columns + (cfg.z_column,), n_bins=cfg.n_bins, rng_seed=cfg.seed)
+    tokenizer = ScalarTokenizer(tok_cfg).fit([table.take(rows["train"])])
+    model_cfg = ModelConfig(
+        input_modalities=cfg.inputs, target_modalities=cfg.inputs + (REDSHIFT,), n_bins=cfg.n_bins, dim=cfg.dim,
+        encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, num_heads=cfg.num_heads, **cfg.model,
+    )
+    model = MultimodalTransformer(model_cfg)
+    model.tok_emb.bin_values.copy_(standardised_bin_values(tokenizer, model_cfg, cfg))
+    data = {k: _Batches(table, v, cfg, tokenizer) for k, v in rows.items()}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(rows["train"])
+    steps = cfg.epochs * max(1, -(-n_train // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.05)
+    targets = [REDSHIFT, *cfg.inputs]
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(n_train)
+        total = 0.0
+        for start in range(0, n_train, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            tok_np, valid_np = data["train"].tokens(idx, rng if cfg.noise_augment else None)
+            tok, valid = torch.from_numpy(tok_np).long(), torch.from_numpy(valid_np)
+            seen = _hide_inputs(valid, cfg.input_drop_prob, gen)
+            _, logits = model(tok, seen, targets)
+            loss = _soft_ce(logits[REDSHIFT], torch.from_numpy(data["train"].z_tokens[idx]), cfg.label_sigma_bins)
+            hidden = valid & ~seen  # reconstruct streams the encoder did not see
+            if hidden.any():
+                recon = [_soft_ce(logits[m][hidden[:, j]], tok[hidden[:, j], j], cfg.label_sigma_bins)
+                         for j, m in enumerate(cfg.inputs) if hidden[:, j].any()]
+                loss = loss + cfg.recon_weight * torch.stack(recon).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        if epoch % 10 == 0 or epoch == cfg.epochs - 1:
+            log.info("epoch %d loss %.4f (%.0fs)", epoch, total / n_train, time.perf_counter() - t0)
+    model.eval()
+
+    edges, centres = tokenizer.edges[cfg.z_column], tokenizer.centres[cfg.z_column]
+
+    def logits_of(split_name: str) -> np.ndarray:
+        tok_np, valid_np = data[split_name].tokens(np.arange(len(rows[split_name])), None)
+        with torch.inference_mode():
+            _, lg = model(torch.from_numpy(tok_np).long(), torch.from_numpy(valid_np), [REDSHIFT])
+        return lg[REDSHIFT].numpy().astype(np.float64)
+
+    temperature = calibrate_temperature(logits_of("val"), edges, data["val"].z) if len(rows["val"]) else 1.0
+    bundle = ModelBundle(
+        model=model, tokenizer=tokenizer,
+        meta={"model_id": cfg.model_id, "inputs": dict(zip(cfg.inputs, cfg.input_columns)),
+              "target_columns": {REDSHIFT: cfg.z_column}, "temperature": temperature},
+    )
+    report = {"train_seconds": round(time.perf_counter() - t0, 1), "split": {k: len(v) for k, v in rows.items()},
+              "temperature": temperature}
+    if len(rows["holdout"]):
+        report["holdout"] = evaluate(logits_of("holdout"), temperature, edges, centres, data["holdout"].z)
+        report["holdout_knn_baseline"] = knn_baseline(table, rows, cfg)
+    bundle.save(out_dir, extra={"training": {"config": asdict(cfg), "catalogs": [str(p) for p in paths], **report}})
+    return report
+
+
+def standardised_bin_values(tokenizer: ScalarTokenizer, model_cfg: ModelConfig, cfg: TrainConfig) -> torch.Tensor:
+    """(M, V+1) bin centres per stream, standardised over the bins; the missing token maps to 0."""
+    columns = dict(zip(cfg.inputs, cfg.input_columns)) | {REDSHIFT: cfg.z_column}
+    out = torch.zeros(len(model_cfg.modalities), model_cfg.n_bins + 1)
+    for i, m in enumerate(model_cfg.modalities):
+        c = tokenizer.centres[columns[m]]
+        out[i, :-1] = torch.from_numpy((c - c.mean()) / max(c.std(), 1e-12)).float()
+    return out
+
+
+def calibrate_temperature(logits: np.ndarray, edges: np.ndarray, z: np.ndarray) -> float:
+    """Temperature minimising the validation negative log-likelihood of the true redshift."""
+    k = np.clip(np.searchsorted(edges, z, side="right") - 1, 0, logits.shape[1] - 1)
+    width = edges[1:] - edges[:-1]
+    best_t, best_nll = 1.0, np.inf
+    for t in np.geomspace(0.25, 8.0, 61):
+        p = softmax(logits, t)[np.arange(len(z)), k]
+        nll = -np.mean(np.log(np.maximum(p / np.maximum(width[k], 1e-12), 1e-300)))
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def evaluate(logits: np.ndarray, temperature: float, edges: np.ndarray, centres: np.ndarray, z: np.ndarray) -> dict:
+    probs = softmax(logits, temperature)
+    s = summarize(probs, edges, centres)
+    out = {name: photoz_metrics(s[name], z) for name in ("z_phot_mean", "z_phot_median", "z_phot_mode")}
+    out["coverage_68"] = coverage(s["z_phot_l68"], s["z_phot_u68"], z)
+    out["coverage_95"] = coverage(s["z_phot_l95"], s["z_phot_u95"], z)
+    u = pit(probs, edges, z)
+    out["pit_hist10"] = np.histogram(u, bins=10, range=(0, 1))[0].tolist()
+    return out
+
+
+def knn_baseline(table: pa.Table, rows: dict[str, np.ndarray], cfg: TrainConfig, k: int = 10) -> dict:
+    """kNN (k=10) on standardised r + colours, trained on train+val, scored on the holdout."""
+    mags = np.stack([table[c].to_numpy() for c in cfg.input_columns], axis=1).astype(np.float64)
+    feats = np.concatenate([mags[:, [len(cfg.inputs) // 2]], -np.diff(mags, axis=1)], axis=1)
+    fit_rows = np.concatenate([rows["train"], rows["val"]])
+    z = table[cfg.z_column].to_numpy().astype(np.float64)
+    pred = knn_regress(feats[fit_rows], z[fit_rows], feats[rows["holdout"]], k=k)
+    return {"method": f"kNN k={k} on standardised r + colours", **photoz_metrics(pred, z[rows["holdout"]])}

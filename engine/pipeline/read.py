@@ -1,0 +1,131 @@
+"""Resolve catalogue inputs (paths, globs, directories, fsspec/pyarrow URIs) and check them before any work.
+
+Every file's Parquet footer is read up front: a missing or non-numeric required column fails
+the job here, naming the file, the column and what is expected.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engine.errors import CatalogError
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+@dataclass(frozen=True)
+class CatalogFile:
+    path: str  # path within ``filesystem`` (no scheme)
+    num_rows: int
+    schema: pa.Schema
+
+
+@dataclass(frozen=True)
+class Catalog:
+    files: tuple[CatalogFile, ...]
+    filesystem: pafs.FileSystem
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def has_columns(self, names: list[str]) -> bool:
+        return all(all(n in f.schema.names for n in names) for f in self.files)
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it; non-native fsspec protocols go through FSSpecHandler."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def expand(specs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """Paths, globs or directories (local or one remote filesystem) -> sorted Parquet file paths."""
+    fs = None
+    paths: list[str] = []
+    for spec in specs:
+        spec_fs, base = filesystem_for(spec)
+        if fs is not None and type(spec_fs) is not type(fs):
+            raise CatalogError(f"--catalog mixes filesystems ({spec!r}); give inputs from one filesystem per job")
+        fs = spec_fs
+        if any(ch in base for ch in "*?["):
+            if isinstance(fs, pafs.LocalFileSystem):
+                found = sorted(glob.glob(base))
+            else:
+                selector = pafs.FileSelector(base.split("*")[0].rsplit("/", 1)[0], recursive=True)
+                import fnmatch
+
+                found = sorted(i.path for i in fs.get_file_info(selector) if fnmatch.fnmatch(i.path, base))
+            if not found:
+                raise CatalogError(f"--catalog {spec!r} matches no files")
+            paths.extend(found)
+            continue
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise CatalogError(f"--catalog {spec!r}: no such file or directory")
+        if info.type == pafs.FileType.Directory:
+            inner = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            found = sorted(i.path for i in inner if i.path.endswith(PARQUET_SUFFIXES))
+            if not found:
+                raise CatalogError(f"--catalog {spec!r}: directory holds no Parquet files ({PARQUET_SUFFIXES})")
+            paths.extend(found)
+        else:
+            paths.append(base)
+    if not paths:
+        raise CatalogError("--catalog names no input files")
+    return fs, sorted(dict.fromkeys(paths))
+
+
+def open_catalog(specs: list[str], required: dict[str, str]) -> Catalog:
+    """Read every footer; ``required`` maps column -> what it is for (used in the error message)."""
+    fs, paths = expand(specs)
+    files = []
+    for path in paths:
+        try:
+            meta = pq.ParquetFile(path, filesystem=fs).metadata
+        except (OSError, pa.ArrowException) as exc:
+            raise CatalogError(f"{path}: not a readable Parquet file ({exc})") from exc
+        schema = meta.schema.to_arrow_schema()
+        for col, role in required.items():
+            if col not in schema.names:
+                raise CatalogError(
+                    f"{path}: required column {col!r} ({role}) is missing; the file has {schema.names}. "
+                    "Rename the column or map it with --columns MODALITY=COLUMN / --id-column."
+                )
+            typ = schema.field(col).type
+            if not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+                raise CatalogError(f"{path}: column {col!r} ({role}) has type {typ}; expected a numeric column")
+        files.append(CatalogFile(path=path, num_rows=meta.num_rows, schema=schema))
+    return Catalog(files=tuple(files), filesystem=fs)
+
+
+def read_ids(catalog: Catalog, id_column: str) -> np.ndarray:
+    """All input ids (for the exactly-once check). Null ids fail, naming the file and row."""
+    parts = []
+    for f in catalog.files:
+        if not pa.types.is_integer(f.schema.field(id_column).type):
+            raise CatalogError(f"{f.path}: id column {id_column!r} has type {f.schema.field(id_column).type}; expected int64")
+        col = pq.read_table(f.path, columns=[id_column], filesystem=catalog.filesystem).column(id_column)
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise CatalogError(f"{f.path}: column {id_column!r} has {col.null_count} null id(s), first at row {row}")
+        parts.append(col.to_numpy().astype(np.int64))
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)

@@ -1,0 +1,102 @@
+"""Pipeline stages: each is a class that loads what it needs once in ``__init__`` and maps batch -> batch.
+
+Stages make no scheduling decisions (actors, GPUs, batch sizes live in the runner). Every
+batch carries ``object_id``; outputs are built column by column from the same rows, so ids,
+embeddings and predictions cannot drift apart whatever the batch size or order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from engine.errors import CatalogError
+from engine.model.bundle import ModelBundle, resolve_device_dtype
+from engine.modalities import Z_PHOT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+ID = "object_id"
+PASSTHROUGH = ("ra", "dec")
+NO_VALID_INPUT = 1 << 16  # flags bit: no usable input at all (embedding and z_phot are NaN)
+
+
+def flag_legend(input_modalities: tuple[str, ...]) -> dict[str, int]:
+    """Bit value of each flag: bit i = input i missing/invalid, then NO_VALID_INPUT."""
+    return {**{f"missing_{m}": 1 << i for i, m in enumerate(input_modalities)}, "no_valid_input": NO_VALID_INPUT}
+
+
+def _require(batch: pa.Table, columns: list[str], stage: str) -> None:
+    missing = [c for c in columns if c not in batch.column_names]
+    if missing:
+        raise CatalogError(f"{stage}: batch lacks column(s) {missing}; it has {batch.column_names}")
+
+
+def fixed_size_list(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    """(N, K) numpy -> FixedSizeList<value_type>[K] (what Lance vector indexes accept)."""
+    n, k = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), k)
+
+
+def to_matrix(col: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
+    """FixedSizeList column -> (N, K) numpy (handles chunks and slice offsets)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    k = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(arr), k)
+
+
+class TokenizeStage:
+    """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]) and ``flags``."""
+
+    def __init__(self, model_dir: str, id_column: str = ID, columns: dict[str, str] | None = None) -> None:
+        bundle = ModelBundle.load(model_dir)
+        self.tokenizer = bundle.tokenizer
+        self.modalities = bundle.config.input_modalities
+        self.tok_columns = [bundle.meta["inputs"][m] for m in self.modalities]  # tokenizer's own names
+        self.cat_columns = [(columns or {}).get(m, c) for m, c in zip(self.modalities, self.tok_columns)]
+        self.id_column = id_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require(batch, [self.id_column, *self.cat_columns], "tokenize stage")
+        values = {}
+        for tok_col, cat_col in zip(self.tok_columns, self.cat_columns):
+            col = batch.column(cat_col)
+            values[tok_col] = col.to_numpy().astype(np.float64) if col.null_count == 0 else (
+                col.cast(pa.float64()).to_numpy(zero_copy_only=False))  # nulls -> NaN -> missing token
+        enc = self.tokenizer.encode(values)
+        n_in = len(self.modalities)
+        tokens, missing = enc.tokens[:, :n_in], enc.missing[:, :n_in]
+        flags = (missing.astype(np.int64) << np.arange(n_in)).sum(axis=1)
+        flags[missing.all(axis=1)] |= NO_VALID_INPUT
+        out = {ID: batch.column(self.id_column).cast(pa.int64())}
+        out.update({c: batch.column(c).cast(pa.float64()) for c in PASSTHROUGH if c in batch.column_names})
+        out["tokens"] = fixed_size_list(tokens, pa.int32())
+        out["flags"] = pa.array(flags.astype(np.int32))
+        return pa.table(out)
+
+
+class EmbedStage:
+    """Tokens -> ``embedding`` (FSL float32[D]) and the ``z_phot_*`` columns, on GPU when given one."""
+
+    def __init__(self, model_dir: str, precision: str = "auto", use_gpu: bool = False, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device, self.autocast = resolve_device_dtype(precision, use_gpu)
+        self.bundle = ModelBundle.load(model_dir).to(self.device)
+        log.info("model %s on %s (autocast %s)", self.bundle.model_id, self.device, self.autocast)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require(batch, [ID, "tokens", "flags"], "embed stage")
+        tokens = to_matrix(batch.column("tokens"), np.int64)
+        valid = tokens != self.bundle.tokenizer.missing_token
+        pred = self.bundle.predict(tokens, valid, self.autocast)
+        out = {ID: batch.column(ID)}
+        out.update({c: batch.column(c) for c in PASSTHROUGH if c in batch.column_names})
+        out["embedding"] = fixed_size_list(pred["embedding"].astype(np.float32), pa.float32())
+        out.update({c: pa.array(pred[c], pa.float32()) for c in Z_PHOT_COLUMNS})
+        out["flags"] = batch.column("flags")
+        return pa.table(out)

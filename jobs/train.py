@@ -1,0 +1,37 @@
+"""Fit the tokenizer and train the model: python jobs/train.py --catalog FILE.parquet [...] --out MODEL_DIR"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+
+from engine.model.train import TrainConfig, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--catalog", nargs="+", required=True, help="Parquet file(s) or globs with object_id, mags and z_spec")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--model-id", default=TrainConfig.model_id)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--dim", type=int, default=TrainConfig.dim)
+    p.add_argument("--encoder-depth", type=int, default=TrainConfig.encoder_depth)
+    p.add_argument("--decoder-depth", type=int, default=TrainConfig.decoder_depth)
+    p.add_argument("--n-bins", type=int, default=TrainConfig.n_bins)
+    p.add_argument("--holdout-fraction", type=float, default=TrainConfig.holdout_fraction)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = sorted({f for pattern in a.catalog for f in (glob.glob(pattern) or [pattern])})
+    cfg = TrainConfig(model_id=a.model_id, epochs=a.epochs, batch_size=a.batch_size, dim=a.dim,
+                      encoder_depth=a.encoder_depth, decoder_depth=a.decoder_depth, n_bins=a.n_bins,
+                      holdout_fraction=a.holdout_fraction, seed=a.seed)
+    report = train(paths, cfg, a.out)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
