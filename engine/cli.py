@@ -83,7 +83,9 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("search", "nearest neighbours of an object or vector in a table's FAISS index", _add_search_arguments, _run_search),
+    Command(
+        "search", "nearest neighbours of an object or vector in a table's FAISS index", _add_search_arguments, _run_search
+    ),
 )
 
 

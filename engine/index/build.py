@@ -282,12 +282,16 @@ def build_index(table_uri: str, config: IndexConfig = IndexConfig()) -> IndexMet
     if n_rows == 0:
         raise CatalogError(f"Lance table {table_uri} has no rows; run the embed job first")
     factory = config.factory or choose_factory(n_rows, dim)
-    log.info("indexing %s (version %d, %d rows, dim %d) as %r, metric %s", table_uri, ds.version, n_rows, dim, factory, config.metric)
+    log.info(
+        "indexing %s (version %d, %d rows, dim %d) as %r, metric %s",
+        table_uri, ds.version, n_rows, dim, factory, config.metric,
+    )
     index = make_index(factory, dim, config.metric)
     train_size = _train(index, ds, factory, config)
     n_read, skipped = _add_batches(index, ds, table_uri, config)
     if sum(skipped.values()):
-        log.warning("%s: skipped %d of %d rows without a usable embedding: %s", table_uri, sum(skipped.values()), n_read, skipped)
+        n_skipped = sum(skipped.values())
+        log.warning("%s: skipped %d of %d rows without a usable embedding: %s", table_uri, n_skipped, n_read, skipped)
     if index.ntotal == 0:
         raise CatalogError(f"Lance table {table_uri} has no valid embeddings ({skipped}); nothing to index")
     ivf = faiss.try_extract_index_ivf(index)

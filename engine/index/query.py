@@ -101,11 +101,11 @@ def read_index(table_uri: str) -> tuple[faiss.Index, IndexMeta]:
     return index, meta
 
 
-def check_staleness(meta: IndexMeta, table_version: int) -> Staleness | None:
+def check_staleness(table_uri: str, meta: IndexMeta, table_version: int) -> Staleness | None:
     """A Staleness if the table is no longer at the version the index was built from."""
     if table_version == meta.table_version:
         return None
-    return Staleness(meta.table_uri, meta.table_version, table_version)
+    return Staleness(table_uri, meta.table_version, table_version)
 
 
 def open_index(table_uri: str, *, nprobe: int | None = None, strict: bool = False) -> SearchIndex:
@@ -116,7 +116,7 @@ def open_index(table_uri: str, *, nprobe: int | None = None, strict: bool = Fals
     """
     index, meta = read_index(table_uri)
     ds = open_table(table_uri)
-    stale = check_staleness(meta, ds.version)
+    stale = check_staleness(table_uri, meta, ds.version)
     if stale is not None:
         if strict:
             raise StaleIndexError(stale.message)
@@ -145,7 +145,7 @@ def as_query_matrix(vectors: np.ndarray, dim: int, source: str) -> np.ndarray:
             "model that wrote the table"
         )
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise SearchError(f"{source}: query vectors must be finite numbers; got dtype {x.dtype} with NaN/inf or non-numbers")
+        raise SearchError(f"{source}: query vectors must be finite numbers; got dtype {x.dtype} with NaN, inf or non-numbers")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -155,7 +155,9 @@ def load_query_vectors(path: str, dim: int) -> np.ndarray:
         with fsspec.open(path, "rb") as f:
             x = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise SearchError(f"cannot read query vectors from {path}: {e}; expected a .npy file of shape ({dim},) or (n, {dim})") from e
+        raise SearchError(
+            f"cannot read query vectors from {path}: {e}; expected a .npy file of shape ({dim},) or (n, {dim})"
+        ) from e
     return as_query_matrix(x, dim, source=path)
 
 
@@ -222,7 +224,8 @@ def search_vectors(si: SearchIndex, vectors: np.ndarray, k: int) -> list[Neighbo
     for row_ids, row_dist in zip(ids, dist):
         found = row_ids >= 0
         n = int(found.sum())
-        results.append(Neighbours(row_ids[found].astype(np.int64), row_dist[found].astype(np.float32), z[start : start + n]))
+        nb = Neighbours(row_ids[found].astype(np.int64), row_dist[found].astype(np.float32), z[start : start + n])
+        results.append(nb)
         start += n
     return results
 

@@ -38,7 +38,8 @@ class EmbedConfig:
     precision: str = "auto"
     num_gpus: float = 0.0  # per model actor
     model_actors: int = 1
-    model_threads: int = 1  # torch threads (and CPUs reserved) per CPU model actor
+    model_threads: int = 1  # torch threads per CPU model actor
+    model_cpus: float = 0.5  # Ray CPUs reserved per CPU model actor (Ray Data's file listing needs 1 free CPU)
     tokenizer_actors: int = 1
     write_rows: int = 65536  # rows per Lance fragment write
     overwrite: bool = False
@@ -52,6 +53,8 @@ class EmbedConfig:
         for name in ("batch_size", "model_actors", "tokenizer_actors", "write_rows", "model_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"EmbedConfig.{name}={getattr(self, name)}; expected >= 1")
+        if self.model_cpus <= 0:
+            raise ConfigError(f"EmbedConfig.model_cpus={self.model_cpus}; expected > 0")
         if self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}; expected >= 0")
 
@@ -100,10 +103,11 @@ def run_embed(cfg: EmbedConfig) -> dict:
     schema = output_schema(bundle, with_radec, metadata)
     read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
 
-    ds = ray.data.read_parquet(catalog.paths, filesystem=catalog.filesystem, columns=read_cols)
+    ds = ray.data.read_parquet(catalog.paths, filesystem=catalog.filesystem, columns=read_cols,
+                               num_cpus=0.5)
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.5,
+        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.25,
         compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
     )
     use_gpu = cfg.num_gpus > 0
@@ -112,7 +116,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
         fn_constructor_kwargs={"model_dir": cfg.model_dir, "precision": cfg.precision, "use_gpu": use_gpu,
                                "threads": None if use_gpu else cfg.model_threads},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=cfg.num_gpus,
-        num_cpus=1 if use_gpu else cfg.model_threads, compute=ray.data.ActorPoolStrategy(size=cfg.model_actors),
+        num_cpus=1 if use_gpu else cfg.model_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.model_actors),
     )
     ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=cfg.write_rows, batch_format="pyarrow", num_cpus=0.25)
 

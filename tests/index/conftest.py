@@ -11,8 +11,6 @@ import pytest
 from engine.index.build import IndexConfig, build_index
 from engine.sample import SAMPLE_PATH
 
-DIM = 8
-BIG_ID_OFFSET = 2**33  # pushes every id above 2^31 (and 2^32)
 
 
 def features(sample: pa.Table) -> np.ndarray:

@@ -1,7 +1,9 @@
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+import faiss
 import lance
 import numpy as np
 import pyarrow as pa
@@ -16,8 +18,10 @@ from engine.index.build import (
     default_nprobe,
     embeddings_to_matrix,
     index_dir,
+    make_index,
+    write_index,
 )
-from engine.index.query import open_index, search_id
+from engine.index.query import open_index, read_index, search_id
 
 
 @pytest.mark.parametrize(
@@ -176,3 +180,22 @@ def test_missing_embedding_column_names_table_and_columns(tmp_path):
 def test_unreadable_table_uri_is_a_catalog_error(tmp_path):
     with pytest.raises(CatalogError, match=r"cannot open Lance table .*nowhere.lance"):
         build_index(str(tmp_path / "nowhere.lance"))
+
+
+def test_pq_factories_skip_polysemous_training():
+    # Polysemous training is minutes of annealing that plain PQ search never uses.
+    ivfpq = make_index("IVF4,PQ2", 8, "cosine")
+    assert faiss.downcast_index(faiss.extract_index_ivf(ivfpq)).do_polysemous_training is False
+    pq = make_index("PQ2", 8, "l2")
+    assert isinstance(pq, faiss.IndexIDMap2)
+    assert faiss.downcast_index(pq.index).do_polysemous_training is False
+
+
+def test_index_files_round_trip_through_an_fsspec_uri(indexed_uri):
+    index, meta = read_index(indexed_uri)
+    remote = dataclasses.replace(meta, table_uri="memory://bucket/sdss.lance")
+    assert write_index(index, remote) == "memory://bucket/sdss.lance.faiss"
+    index2, meta2 = read_index("memory://bucket/sdss.lance")
+    assert meta2 == remote and index2.ntotal == 5000
+    x = np.eye(8, dtype=np.float32)
+    np.testing.assert_array_equal(index2.search(x, 3)[1], index.search(x, 3)[1])

@@ -134,9 +134,10 @@ def test_staleness_detected_after_append(table_uri, append_rows, sample_ids):
 
 
 def test_check_staleness_compares_versions(si):
-    assert check_staleness(si.meta, si.meta.table_version) is None
-    stale = check_staleness(si.meta, si.meta.table_version + 3)
-    assert (stale.index_version, stale.table_version) == (1, 4)
+    assert check_staleness("t.lance", si.meta, si.meta.table_version) is None
+    stale = check_staleness("t.lance", si.meta, si.meta.table_version + 3)
+    assert (stale.table_uri, stale.index_version, stale.table_version) == ("t.lance", 1, 4)
+    assert stale.message.endswith("Rebuild with: python jobs/index.py --table t.lance")
 
 
 def test_nprobe_override_sets_lists_searched(table_uri):
