@@ -18,7 +18,7 @@ class ModelConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    n_fourier: int = 10  # token embedding: Fourier features of the bin's value, frequencies pi/4 * 2^k
+    n_fourier: int = 3  # token embedding: Fourier features of the bin's value, frequencies pi/4 * 2^k (more overfit)
 
     def __post_init__(self) -> None:
         if not self.input_modalities:
