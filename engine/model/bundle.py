@@ -85,8 +85,8 @@ class ModelBundle:
         Rows with no valid input get NaN embeddings and NaN redshifts (their flags say why).
         """
         device = next(self.model.parameters()).device
-        tok = torch.as_tensor(tokens, dtype=torch.long, device=device)
-        val = torch.as_tensor(valid, dtype=torch.bool, device=device)
+        tok = torch.tensor(tokens, dtype=torch.long, device=device)
+        val = torch.tensor(valid, dtype=torch.bool, device=device)
         ctx = (
             torch.autocast(device_type=device.type, dtype=autocast_dtype)
             if autocast_dtype is not None

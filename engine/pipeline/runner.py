@@ -103,8 +103,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     schema = output_schema(bundle, with_radec, metadata)
     read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
 
-    ds = ray.data.read_parquet(catalog.paths, filesystem=catalog.filesystem, columns=read_cols,
-                               num_cpus=0.5)
+    ds = ray.data.read_parquet(catalog.paths, filesystem=catalog.filesystem, num_cpus=0.5).select_columns(read_cols)
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.25,

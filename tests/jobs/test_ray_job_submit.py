@@ -35,10 +35,14 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     gcs, dash = _free_port(), _free_port()
+    # Every fixed default port gets a free one: the session's own local Ray already holds the defaults.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats", *ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -72,7 +76,12 @@ def test_embed_job_via_ray_job_submit(head, holdout_table, tmp_path):
            json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
            sys.executable, str(ROOT / "jobs" / "embed.py"), "--catalog", str(catalog), "--out", str(out),
            "--batch-size", "500"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 180
+    while True:  # the dashboard answers before the head's job agent is ready; submission is refused until then
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in res.stderr + res.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "succeeded" in res.stdout
     summary = json.loads(next(line for line in res.stdout.splitlines() if line.startswith('{"out"')))

@@ -30,7 +30,7 @@ def embedded(ray_session, holdout_table, model_dir, tmp_path_factory):
     allbad[12] = True
     t = t.set_column(t.schema.get_field_index("mag_u"), "mag_u", pa.array(u))
     t = t.set_column(t.schema.get_field_index("mag_g"), "mag_g", pa.array(g))
-    for c in ("mag_r", "mag_i", "mag_z"):
+    for c in ("mag_g", "mag_r", "mag_i", "mag_z"):
         v = t[c].to_numpy().copy()
         v[12] = -9999.0
         t = t.set_column(t.schema.get_field_index(c), c, pa.array(v))
