@@ -42,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         cat = Path(d) / "holdout_photometry.parquet"
         pq.write_table(sample.filter(pa.array(hold)).drop_columns(["z_spec"]), cat)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         summary = run_embed(EmbedConfig(catalog=(str(cat),), out=str(Path(d) / "out.lance"), model_dir=a.model))
         ray.shutdown()
         out = lance.dataset(str(Path(d) / "out.lance")).to_table().sort_by("object_id")

@@ -65,6 +65,10 @@ def head(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        # `ray start` recorded this head as the host's current cluster; a later plain ray.init() would try to join it.
+        marker = Path("/tmp/ray/ray_current_cluster")
+        if marker.exists() and f":{gcs}" in marker.read_text():
+            marker.unlink()
 
 
 def test_embed_job_via_ray_job_submit(head, holdout_table, tmp_path):
