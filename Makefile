@@ -17,7 +17,7 @@ install: $(STAMP)
 DEMO_OUT ?= demo_out
 
 demo: $(STAMP)
-	$(BIN)/python jobs/embed.py --catalog engine/data/sdss_mgs.parquet --out $(DEMO_OUT)/sdss_mgs.lance
+	$(BIN)/python jobs/embed.py --catalog engine/data/sdss_mgs.parquet --out $(DEMO_OUT)/sdss_mgs.lance --overwrite
 	$(BIN)/python jobs/index.py --table $(DEMO_OUT)/sdss_mgs.lance
 	$(BIN)/python -m engine search --table $(DEMO_OUT)/sdss_mgs.lance --id 1000000001 -k 10
 	$(BIN)/python jobs/join.py --catalog engine/data/sdss_mgs.parquet --table $(DEMO_OUT)/sdss_mgs.lance --out $(DEMO_OUT)/sdss_mgs_with_zphot.fits

@@ -1,4 +1,6 @@
-"""Modalities the engine knows, derived from ONE table of scalar specs.
+"""Modalities the engine knows. Scalars derive from ONE table of scalar specs (below);
+spectra, sequences and images are typed dataclasses in sibling modules, and
+``registry`` maps each modality kind to its tokenizer.
 
 A scalar modality is a catalogue column with a binning and a unit. Everything else (the
 tokenizer's column list, the model's token streams, the FITS units of joined outputs and
