@@ -36,3 +36,11 @@ class StaleIndexError(EngineError):
 class SearchError(EngineError):
     """A search cannot run: the table has no readable index, the object_id is not in the table,
     or a query vector does not fit the index."""
+
+
+class UnitsFailedError(CatalogError):
+    """More input units failed than --max-failed-fraction allows; carries the job summary when there is one."""
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary

@@ -11,6 +11,7 @@ import logging
 
 import ray
 
+from engine.errors import UnitsFailedError
 from engine.model.bundle import PRECISIONS
 from engine.pipeline.runner import EmbedConfig, run_embed
 from engine.sample import DEFAULT_MODEL_DIR
@@ -40,16 +41,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-threads", type=int, default=EmbedConfig.model_threads)
     p.add_argument("--tokenizer-actors", type=int, default=EmbedConfig.tokenizer_actors)
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at --out")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run: skip input files already committed")
+    p.add_argument("--max-failed-fraction", type=float, default=0.0,
+                   help="tolerate this fraction of bad input files (reported in the summary) before failing")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EmbedConfig(
         catalog=tuple(a.catalog), out=a.out, model_dir=a.model, id_column=a.id_column, columns=parse_columns(a.columns),
         batch_size=a.batch_size, precision=a.precision, num_gpus=a.num_gpus, model_actors=a.model_actors,
         model_threads=a.model_threads, tokenizer_actors=a.tokenizer_actors, overwrite=a.overwrite,
+        resume=a.resume, max_failed_fraction=a.max_failed_fraction,
     )
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    summary = run_embed(cfg)
+    try:
+        summary = run_embed(cfg)
+    except UnitsFailedError as exc:
+        if exc.summary:
+            print(json.dumps(exc.summary))
+        raise SystemExit(f"embed job failed: {exc}") from None
     print(json.dumps(summary))
     return summary
 

@@ -10,7 +10,6 @@ import glob
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -94,38 +93,15 @@ def expand(specs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     return fs, sorted(dict.fromkeys(paths))
 
 
-def open_catalog(specs: list[str], required: dict[str, str]) -> Catalog:
-    """Read every footer; ``required`` maps column -> what it is for (used in the error message)."""
+def open_catalog(specs: list[str]) -> tuple[Catalog, dict[str, str]]:
+    """Read every footer: the usable files, and the unreadable ones with the reason."""
     fs, paths = expand(specs)
-    files = []
+    files, failed = [], {}
     for path in paths:
         try:
             meta = pq.ParquetFile(path, filesystem=fs).metadata
         except (OSError, pa.ArrowException) as exc:
-            raise CatalogError(f"{path}: not a readable Parquet file ({exc})") from exc
-        schema = meta.schema.to_arrow_schema()
-        for col, role in required.items():
-            if col not in schema.names:
-                raise CatalogError(
-                    f"{path}: required column {col!r} ({role}) is missing; the file has {schema.names}. "
-                    "Rename the column or map it with --columns MODALITY=COLUMN / --id-column."
-                )
-            typ = schema.field(col).type
-            if not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
-                raise CatalogError(f"{path}: column {col!r} ({role}) has type {typ}; expected a numeric column")
-        files.append(CatalogFile(path=path, num_rows=meta.num_rows, schema=schema))
-    return Catalog(files=tuple(files), filesystem=fs)
-
-
-def read_ids(catalog: Catalog, id_column: str) -> np.ndarray:
-    """All input ids (for the exactly-once check). Null ids fail, naming the file and row."""
-    parts = []
-    for f in catalog.files:
-        if not pa.types.is_integer(f.schema.field(id_column).type):
-            raise CatalogError(f"{f.path}: id column {id_column!r} has type {f.schema.field(id_column).type}; expected int64")
-        col = pq.read_table(f.path, columns=[id_column], filesystem=catalog.filesystem).column(id_column)
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise CatalogError(f"{f.path}: column {id_column!r} has {col.null_count} null id(s), first at row {row}")
-        parts.append(col.to_numpy().astype(np.int64))
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+            failed[path] = f"not a readable Parquet file ({exc})"
+            continue
+        files.append(CatalogFile(path=path, num_rows=meta.num_rows, schema=meta.schema.to_arrow_schema()))
+    return Catalog(files=tuple(files), filesystem=fs), failed

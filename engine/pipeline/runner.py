@@ -11,16 +11,20 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+import lance
 import numpy as np
 import pyarrow as pa
 import ray
 
 import engine
-from engine.errors import ConfigError
+
+from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle
 from engine.modalities import Z_PHOT_COLUMNS
-from engine.pipeline.read import filesystem_for, open_catalog, read_ids
-from engine.pipeline.stages import ID, NO_VALID_INPUT, PASSTHROUGH, EmbedStage, TokenizeStage, flag_legend
+from engine.pipeline.read import filesystem_for, open_catalog
+from engine.pipeline.stages import ID, NO_VALID_INPUT, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
+from engine.pipeline.units import (LEDGER_KEY, UnitProgress, check_file, committed_units, failure_reason,
+                                   read_unit_ids, verify_unit)
 from engine.pipeline.write import FragmentWriter, commit
 from engine.sample import DEFAULT_MODEL_DIR
 
@@ -43,6 +47,9 @@ class EmbedConfig:
     tokenizer_actors: int = 1
     write_rows: int = 65536  # rows per Lance fragment write
     overwrite: bool = False
+    resume: bool = False  # skip input files already committed to --out (from the table's own commit ledger)
+    max_failed_fraction: float = 0.0  # fail the job when more input files than this fail
+    commit_seconds: float = 30.0  # group verified units into one Lance commit at most this often
     progress_seconds: float = 10.0
 
     def __post_init__(self) -> None:
@@ -55,6 +62,10 @@ class EmbedConfig:
                 raise ConfigError(f"EmbedConfig.{name}={getattr(self, name)}; expected >= 1")
         if self.model_cpus <= 0:
             raise ConfigError(f"EmbedConfig.model_cpus={self.model_cpus}; expected > 0")
+        if self.overwrite and self.resume:
+            raise ConfigError("--overwrite and --resume exclude each other")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ConfigError(f"--max-failed-fraction {self.max_failed_fraction}; expected 0..1")
         if self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}; expected >= 0")
 
@@ -76,6 +87,80 @@ def _table_exists(uri: str) -> bool:
     return fs.get_file_info(path.rstrip("/") + "/_versions").type != pa.fs.FileType.NotFound
 
 
+def _write_json(uri: str, payload: dict) -> None:
+    fs, path = filesystem_for(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(payload, indent=2).encode())
+
+
+class _Ledger:
+    """Driver-side bookkeeping: units in flight, commits, failures, progress."""
+
+    def __init__(self, cfg: EmbedConfig, catalog, schema: pa.Schema, done: dict[str, int], t0: float) -> None:
+        self.cfg, self.catalog, self.schema, self.t0 = cfg, catalog, schema, t0
+        self.files = {f.path: f for f in catalog.files}
+        self.units = {p: UnitProgress(f) for p, f in self.files.items() if p not in done}
+        self.ready: list[UnitProgress] = []
+        self.committed: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.ids: list[np.ndarray] = []
+        self.table_exists = bool(done)
+        self.last_commit = self.last_log = time.perf_counter()
+        self.rows_total = sum(u.file.num_rows for u in self.units.values())
+        self.rows_done = 0
+
+    def add(self, result: pa.Table) -> None:
+        cols = [result.column(c).to_pylist() for c in ("unit", "fragments", "object_ids")]
+        for unit_path, frag_json, ids_bytes in zip(*cols):
+            unit = self.units[unit_path]
+            unit.fragments.extend(json.loads(frag_json))
+            unit.ids.append(np.frombuffer(ids_bytes, dtype=np.int64))
+            unit.rows += len(unit.ids[-1])
+            self.rows_done += len(unit.ids[-1])
+            if unit.complete:
+                self._check(unit)
+        now = time.perf_counter()
+        if self.ready and now - self.last_commit >= self.cfg.commit_seconds:
+            self.flush()
+        if now - self.last_log >= self.cfg.progress_seconds:
+            self.last_log = now
+            rate = self.rows_done / (now - self.t0)
+            eta = (self.rows_total - self.rows_done) / rate if rate else float("nan")
+            log.info("progress: %d/%d rows, %d/%d units committed, %.0f rows/s, ETA %.0f s",
+                     self.rows_done, self.rows_total, len(self.committed), len(self.units), rate, eta)
+
+    def _check(self, unit: UnitProgress) -> None:
+        expected = read_unit_ids(self.catalog, unit.file, self.cfg.id_column)
+        problem = verify_unit(unit, expected)
+        if problem:
+            self.failed[unit.file.path] = problem
+            log.error("%s: not committed: %s", unit.file.path, problem)
+        else:
+            self.ready.append(unit)
+            self.ids.append(expected)
+
+    def flush(self) -> None:
+        """Commit every verified unit in one Lance transaction that names them."""
+        if not self.ready:
+            return
+        fragments = [f for u in self.ready for f in u.fragments]
+        message = {LEDGER_KEY: {u.file.path: u.file.num_rows for u in self.ready}}
+        commit(self.cfg.out, self.schema, fragments, message, create=not self.table_exists)
+        self.table_exists = True
+        for u in self.ready:
+            self.committed[u.file.path] = u.file.num_rows
+            u.fragments, u.ids = [], []
+        self.ready = []
+        self.last_commit = time.perf_counter()
+
+    def finish(self) -> None:
+        self.flush()
+        for path, unit in self.units.items():
+            if path not in self.committed and path not in self.failed:
+                self.failed[path] = failure_reason(self.catalog, unit.file)
+                log.error("%s: not committed: %s", path, self.failed[path])
+
+
 def run_embed(cfg: EmbedConfig) -> dict:
     t0 = time.perf_counter()
     bundle = ModelBundle.load(cfg.model_dir)  # fails early on a bad model dir
@@ -84,16 +169,21 @@ def run_embed(cfg: EmbedConfig) -> dict:
         raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {list(bundle.config.input_modalities)}")
     inputs = {m: cfg.columns.get(m, c) for m, c in bundle.input_columns.items()}
     required = {cfg.id_column: "object id (int64)", **{c: f"input {m}" for m, c in inputs.items()}}
-    catalog = open_catalog(list(cfg.catalog), required)
-    if _table_exists(cfg.out) and not cfg.overwrite:
-        raise ConfigError(f"--out {cfg.out} already holds a Lance table; pass --overwrite to replace it")
-    input_ids = read_ids(catalog, cfg.id_column)
-    uniq, counts = np.unique(input_ids, return_counts=True)
-    dup_ids = uniq[counts > 1]
-    if len(dup_ids):
-        log.warning("%d object_id(s) occur more than once in the input (e.g. %s); each row is kept and reported",
-                    len(dup_ids), dup_ids[:5].tolist())
+    exists = _table_exists(cfg.out)
+    if exists and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"--out {cfg.out} already holds a Lance table; pass --resume to finish it or --overwrite to replace it")
 
+    catalog, failed = open_catalog(list(cfg.catalog))
+    for f in catalog.files:
+        reason = check_file(f, required)
+        if reason:
+            failed[f.path] = reason
+    n_units = len(catalog.files) + len(failed) - sum(1 for f in catalog.files if f.path in failed)
+    _check_failures(failed, n_units, cfg, stage="before any work")
+    for path, reason in failed.items():
+        log.error("%s: skipped: %s", path, reason)
+    good = tuple(f for f in catalog.files if f.path not in failed)
+    catalog = type(catalog)(files=good, filesystem=catalog.filesystem)
     with_radec = catalog.has_columns(list(PASSTHROUGH))
     metadata = {
         "engine_version": engine.__version__, "model_id": bundle.meta["model_id"], "model_version": bundle.meta["version"],
@@ -101,9 +191,34 @@ def run_embed(cfg: EmbedConfig) -> dict:
         "created_unix": time.time(),
     }
     schema = output_schema(bundle, with_radec, metadata)
-    read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
+    done = committed_units(cfg.out) if (exists and cfg.resume) else {}
+    if done:
+        _check_resumable(cfg.out, schema, bundle)
+        log.info("resuming %s: %d unit(s) already committed, skipped", cfg.out, len(done))
+    elif exists and cfg.overwrite:
+        log.info("replacing the table at %s", cfg.out)
+    ledger = _Ledger(cfg, catalog, schema, done, t0)
+    todo = [f for f in catalog.files if f.path in ledger.units and f.num_rows > 0]
+    for f in catalog.files:
+        if f.path in ledger.units and f.num_rows == 0:
+            ledger.ready.append(ledger.units[f.path])  # empty file: a unit with nothing to write
 
-    ds = ray.data.read_parquet(catalog.paths, filesystem=catalog.filesystem, num_cpus=0.5).select_columns(read_cols)
+    if todo:
+        _run_dataset(cfg, catalog.filesystem, [f.path for f in todo], inputs, with_radec, schema, ledger)
+    ledger.finish()
+    failed.update(ledger.failed)
+    summary = _summary(cfg, bundle, catalog, ledger, failed, done, t0)
+    _write_json(cfg.out.rstrip("/") + ".summary.json", summary)
+    _check_failures(failed, n_units, cfg, stage="after the run", summary=summary)
+    return summary
+
+
+def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = -1  # a failing file must not stop the others; its unit stays uncommitted
+    read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ()), SOURCE_PATH]))
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=0.5, include_paths=True,
+                               partitioning=None).select_columns(read_cols)
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.25,
@@ -118,28 +233,53 @@ def run_embed(cfg: EmbedConfig) -> dict:
         num_cpus=1 if use_gpu else cfg.model_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.model_actors),
     )
     ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=cfg.write_rows, batch_format="pyarrow", num_cpus=0.25)
-
-    fragments, written, rows_done, last = [], [], 0, time.perf_counter()
     for result in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for frag_json, ids_bytes in zip(result.column("fragments").to_pylist(), result.column("object_ids").to_pylist()):
-            fragments.extend(json.loads(frag_json))
-            written.append(np.frombuffer(ids_bytes, dtype=np.int64))
-            rows_done += len(written[-1])
-        if time.perf_counter() - last > cfg.progress_seconds:
-            last = time.perf_counter()
-            rate = rows_done / (last - t0)
-            eta = (len(input_ids) - rows_done) / rate if rate else float("nan")
-            log.info("progress: %d/%d rows (%.0f rows/s, ETA %.0fs)", rows_done, len(input_ids), rate, eta)
-    written_ids = np.concatenate(written) if written else np.empty(0, np.int64)
-    table = commit(cfg.out, schema, fragments, input_ids, written_ids)
+        ledger.add(result)
 
-    flags = table.to_table(columns=["flags"]).column("flags").to_numpy()
+
+def _check_resumable(uri: str, schema: pa.Schema, bundle: ModelBundle) -> None:
+    existing = lance.dataset(uri).schema
+    old = json.loads((existing.metadata or {}).get(b"engine", b"{}"))
+    if old.get("model_version") != bundle.meta["version"] or existing.remove_metadata() != schema.remove_metadata():
+        raise ConfigError(
+            f"--resume: {uri} was written by model {old.get('model_id')}@{old.get('model_version')} with another schema; "
+            f"this run uses {bundle.model_id}. Resume with the same model and inputs, or use --overwrite."
+        )
+
+
+def _check_failures(failed: dict[str, str], n_units: int, cfg: EmbedConfig, stage: str, summary: dict | None = None) -> None:
+    if not failed:
+        return
+    frac = len(failed) / max(n_units, 1)
+    if frac > cfg.max_failed_fraction or len(failed) == n_units:
+        listing = "; ".join(f"{p}: {r}" for p, r in list(failed.items())[:5])
+        raise UnitsFailedError(
+            f"{len(failed)} of {n_units} input file(s) failed {stage} ({frac:.1%} > --max-failed-fraction "
+            f"{cfg.max_failed_fraction:.1%}): {listing}", summary=summary)
+
+
+def _summary(cfg, bundle, catalog, ledger: _Ledger, failed, done, t0) -> dict:
+    table = lance.dataset(cfg.out) if ledger.table_exists else None
+    rows_out = table.count_rows() if table is not None else 0
+    expected_out = sum(done.values()) + sum(ledger.committed.values())
+    if rows_out != expected_out:
+        raise OutputMismatchError(f"{cfg.out}: table holds {rows_out} rows, the ledger of committed units says {expected_out}")
+    ids = np.concatenate(ledger.ids) if ledger.ids else np.empty(0, np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    dups = uniq[counts > 1]
+    if len(dups):
+        log.warning("%d object_id(s) occur more than once in the input (e.g. %s); each row is kept", len(dups), dups[:5].tolist())
+    flags = table.to_table(columns=["flags"]).column("flags").to_numpy() if table is not None else np.empty(0, np.int32)
     seconds = time.perf_counter() - t0
+    rows_in = sum(f.num_rows for f in catalog.files if f.path not in failed)
     return {
-        "out": cfg.out, "table_version": table.version, "model": bundle.model_id, "files": len(catalog.files),
-        "rows_in": int(len(input_ids)), "rows_out": int(table.count_rows()), "ids_match": True,
+        "out": cfg.out, "table_version": table.version if table is not None else None, "model": bundle.model_id,
+        "files": len(catalog.files) + len([p for p in failed if p not in {f.path for f in catalog.files}]),
+        "units_committed_this_run": len(ledger.committed), "units_skipped_already_committed": len(done),
+        "failed_units": [{"path": p, "reason": r} for p, r in failed.items()],
+        "empty_files": [f.path for f in catalog.files if f.num_rows == 0],
+        "rows_in": int(rows_in), "rows_out": int(rows_out), "ids_match": rows_out == rows_in,
         "rows_flagged": int((flags != 0).sum()), "rows_without_valid_input": int(((flags & NO_VALID_INPUT) != 0).sum()),
-        "duplicate_ids": {"n": int(len(dup_ids)), "examples": dup_ids[:5].tolist()},
-        "seconds": round(seconds, 2), "rows_per_second": round(len(input_ids) / seconds, 1),
+        "duplicate_ids": {"n": int(len(dups)), "examples": dups[:5].tolist()},
+        "seconds": round(seconds, 2), "rows_per_second": round(ledger.rows_done / seconds, 1),
     }
-

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 ID = "object_id"
 PASSTHROUGH = ("ra", "dec")
+UNIT, SOURCE_PATH = "unit", "path"  # internal: the input file of each row (Ray's include_paths column)
 NO_VALID_INPUT = 1 << 16  # flags bit: no usable input at all (embedding and z_phot are NaN)
 
 
@@ -72,6 +73,8 @@ class TokenizeStage:
         flags[missing.all(axis=1)] |= NO_VALID_INPUT
         out = {ID: batch.column(self.id_column).cast(pa.int64())}
         out.update({c: batch.column(c).cast(pa.float64()) for c in PASSTHROUGH if c in batch.column_names})
+        if SOURCE_PATH in batch.column_names:
+            out[UNIT] = batch.column(SOURCE_PATH)
         out["tokens"] = fixed_size_list(tokens, pa.int32())
         out["flags"] = pa.array(flags.astype(np.int32))
         return pa.table(out)
@@ -99,4 +102,6 @@ class EmbedStage:
         out["embedding"] = fixed_size_list(pred["embedding"].astype(np.float32), pa.float32())
         out.update({c: pa.array(pred[c], pa.float32()) for c in Z_PHOT_COLUMNS})
         out["flags"] = batch.column("flags")
+        if UNIT in batch.column_names:
+            out[UNIT] = batch.column(UNIT)
         return pa.table(out)

@@ -1,9 +1,9 @@
-"""Lance writing in two steps: workers write fragments, the driver checks ids and commits once.
+"""Lance writing in two steps: workers write fragments, the driver checks ids and commits.
 
-``FragmentWriter`` runs inside Ray (tasks) and returns, per batch, the fragment metadata as
-JSON and the ``object_id``s it wrote. ``commit`` verifies that the written ids equal the
-input ids (as a multiset) before making the new table version visible: a job that lost or
-duplicated rows never publishes a table.
+``FragmentWriter`` runs inside Ray (tasks) and returns, per batch and input unit, the fragment
+metadata as JSON and the ``object_id``s it wrote. Nothing is visible until the driver
+``commit``s a unit's fragments, after checking them (see ``engine.pipeline.units``);
+fragments of a retried or abandoned task are never committed.
 """
 
 from __future__ import annotations
@@ -16,24 +16,29 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import FragmentMetadata, write_fragments
 
-from engine.errors import OutputMismatchError
+from engine.pipeline.stages import UNIT
 
 log = logging.getLogger(__name__)
 
 
+
 class FragmentWriter:
+    """Writes each batch as Lance fragments, one set per input unit, and reports what it wrote."""
+
     def __init__(self, uri: str, schema: pa.Schema, storage_options: dict | None = None) -> None:
         self.uri, self.schema, self.storage_options = uri, schema, storage_options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = batch.select(self.schema.names).cast(self.schema)
-        frags = write_fragments(batch, self.uri, schema=self.schema, storage_options=self.storage_options)
-        ids = batch.column("object_id").to_numpy()
-        return pa.table({
-            "fragments": [json.dumps([f.to_json() for f in frags])],
-            "object_ids": [ids.astype(np.int64).tobytes()],
-            "rows": [batch.num_rows],
-        })
+        units = batch.column(UNIT).to_numpy(zero_copy_only=False)
+        out = {"unit": [], "fragments": [], "object_ids": [], "rows": []}
+        for unit in np.unique(units):
+            part = batch.filter(pa.array(units == unit)).select(self.schema.names).cast(self.schema)
+            frags = write_fragments(part, self.uri, schema=self.schema, storage_options=self.storage_options)
+            out["unit"].append(str(unit))
+            out["fragments"].append(json.dumps([f.to_json() for f in frags]))
+            out["object_ids"].append(part.column("object_id").to_numpy().astype(np.int64).tobytes())
+            out["rows"].append(part.num_rows)
+        return pa.table(out)
 
 
 def compare_ids(expected: np.ndarray, written: np.ndarray, limit: int = 5) -> dict:
@@ -52,16 +57,10 @@ def compare_ids(expected: np.ndarray, written: np.ndarray, limit: int = 5) -> di
     }
 
 
-def commit(uri: str, schema: pa.Schema, fragments_json: list[dict], expected_ids: np.ndarray,
-           written_ids: np.ndarray, storage_options: dict | None = None) -> lance.LanceDataset:
-    check = compare_ids(expected_ids, written_ids)
-    if not check["ok"]:
-        raise OutputMismatchError(
-            f"not committing {uri}: written rows do not match input rows "
-            f"(read {len(expected_ids)}, written {len(written_ids)}; {check})"
-        )
+def commit(uri: str, schema: pa.Schema, fragments_json: list[dict], message: dict, create: bool,
+           read_version: int | None = None, storage_options: dict | None = None) -> lance.LanceDataset:
+    """One Lance transaction: create the table (first commit) or append to it, with a ledger message."""
     frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments_json]
-    ds = lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, frags), storage_options=storage_options)
-    if ds.count_rows() != len(expected_ids):
-        raise OutputMismatchError(f"{uri}: committed {ds.count_rows()} rows, expected {len(expected_ids)}")
-    return ds
+    op = lance.LanceOperation.Overwrite(schema, frags) if create else lance.LanceOperation.Append(frags)
+    return lance.LanceDataset.commit(uri, op, read_version=read_version, storage_options=storage_options,
+                                     commit_message=json.dumps(message))

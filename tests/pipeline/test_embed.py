@@ -102,7 +102,8 @@ def test_missing_column_fails_before_any_work(ray_session, holdout_table, model_
     path = tmp_path / "no_r.parquet"
     pq.write_table(holdout_table.drop_columns(["mag_r"]), path)
     out = tmp_path / "o.lance"
-    with pytest.raises(CatalogError, match=r"no_r.parquet: required column 'mag_r' \(input mag_r\) is missing"):
+    with pytest.raises(CatalogError, match=r"1 of 1 input file\(s\) failed before any work .*no_r.parquet: "
+                                           r"required column 'mag_r' \(input mag_r\) is missing"):
         run_embed(EmbedConfig(catalog=(str(path),), out=str(out), model_dir=model_dir))
     assert not out.exists()
 
