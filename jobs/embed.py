@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer-actors", type=int, default=EmbedConfig.tokenizer_actors)
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at --out")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run: skip input files already committed")
+    p.add_argument("--commit-seconds", type=float, default=EmbedConfig.commit_seconds,
+                   help="commit verified input files to the table at most this often (0 = as each completes)")
     p.add_argument("--max-failed-fraction", type=float, default=0.0,
                    help="tolerate this fraction of bad input files (reported in the summary) before failing")
     a = p.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         catalog=tuple(a.catalog), out=a.out, model_dir=a.model, id_column=a.id_column, columns=parse_columns(a.columns),
         batch_size=a.batch_size, precision=a.precision, num_gpus=a.num_gpus, model_actors=a.model_actors,
         model_threads=a.model_threads, tokenizer_actors=a.tokenizer_actors, overwrite=a.overwrite,
-        resume=a.resume, max_failed_fraction=a.max_failed_fraction,
+        resume=a.resume, max_failed_fraction=a.max_failed_fraction, commit_seconds=a.commit_seconds,
     )
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)

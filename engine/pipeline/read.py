@@ -105,3 +105,22 @@ def open_catalog(specs: list[str]) -> tuple[Catalog, dict[str, str]]:
             continue
         files.append(CatalogFile(path=path, num_rows=meta.num_rows, schema=meta.schema.to_arrow_schema()))
     return Catalog(files=tuple(files), filesystem=fs), failed
+
+
+class ReadUnit:
+    """Ray stage: one input file (a unit) -> its rows, projected, tagged with the file path.
+
+    One task per file (not Ray's own Parquet reader, which packs small files into one block):
+    rows of a file arrive together and early, so a unit can complete and commit while the job
+    runs, and a file that fails to read fails only its own unit.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, columns: list[str], unit_column: str) -> None:
+        self.filesystem, self.columns, self.unit_column = filesystem, columns, unit_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        parts = []
+        for path in batch.column(self.unit_column).to_pylist():
+            table = pq.read_table(path, columns=self.columns, filesystem=self.filesystem)
+            parts.append(table.append_column(self.unit_column, pa.array([path] * table.num_rows, pa.string())))
+        return pa.concat_tables(parts)

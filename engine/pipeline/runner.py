@@ -21,7 +21,7 @@ import engine
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle
 from engine.modalities import Z_PHOT_COLUMNS
-from engine.pipeline.read import filesystem_for, open_catalog
+from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
 from engine.pipeline.stages import ID, NO_VALID_INPUT, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
 from engine.pipeline.units import (LEDGER_KEY, UnitProgress, check_file, committed_units, failure_reason,
                                    read_unit_ids, verify_unit)
@@ -45,7 +45,7 @@ class EmbedConfig:
     model_threads: int = 1  # torch threads per CPU model actor
     model_cpus: float = 0.5  # Ray CPUs reserved per CPU model actor (Ray Data's file listing needs 1 free CPU)
     tokenizer_actors: int = 1
-    write_rows: int = 65536  # rows per Lance fragment write
+    write_rows: int = 16384  # rows per writer call (fragments are cut per input file within it)
     overwrite: bool = False
     resume: bool = False  # skip input files already committed to --out (from the table's own commit ledger)
     max_failed_fraction: float = 0.0  # fail the job when more input files than this fail
@@ -216,9 +216,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
 def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = -1  # a failing file must not stop the others; its unit stays uncommitted
-    read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ()), SOURCE_PATH]))
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=0.5, include_paths=True,
-                               partitioning=None).select_columns(read_cols)
+    read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
+    ds = ray.data.from_items([{SOURCE_PATH: p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(ReadUnit(filesystem, read_cols, SOURCE_PATH), batch_size=1, batch_format="pyarrow", num_cpus=0.5)
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.25,

@@ -8,6 +8,7 @@ embeddings and predictions cannot drift apart whatever the batch size or order.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,15 @@ def to_matrix(col: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     k = arr.type.list_size
     return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(arr), k)
+
+
+def _fault_injection() -> None:
+    """Test hook: with ENGINE_FAULT_KILL_MODEL_ACTOR_ONCE=<path>, the first model call anywhere kills its process."""
+    marker = os.environ.get("ENGINE_FAULT_KILL_MODEL_ACTOR_ONCE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("fault injection: killing model actor pid %d", os.getpid())
+        os._exit(1)
 
 
 class TokenizeStage:
@@ -94,6 +104,7 @@ class EmbedStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch, [ID, "tokens", "flags"], "embed stage")
+        _fault_injection()
         tokens = to_matrix(batch.column("tokens"), np.int64)
         valid = tokens != self.bundle.tokenizer.missing_token
         pred = self.bundle.predict(tokens, valid, self.autocast)

@@ -62,5 +62,7 @@ def commit(uri: str, schema: pa.Schema, fragments_json: list[dict], message: dic
     """One Lance transaction: create the table (first commit) or append to it, with a ledger message."""
     frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments_json]
     op = lance.LanceOperation.Overwrite(schema, frags) if create else lance.LanceOperation.Append(frags)
+    if not create and read_version is None:
+        read_version = lance.dataset(uri, storage_options=storage_options).version
     return lance.LanceDataset.commit(uri, op, read_version=read_version, storage_options=storage_options,
                                      commit_message=json.dumps(message))

@@ -1,0 +1,310 @@
+"""ImageTokenizer: survey images -> (N, h, w) FSQ tokens -> images, with a small conv autoencoder.
+
+Preprocessing (per survey, from :mod:`engine.modalities.images`):
+  1. flux-conserving area-overlap resampling to the common ``pixel_scale_arcsec``, on a
+     ``crop_size`` grid centred on the image centre pixel (H // 2, W // 2): resampling and centre crop
+     in one step; output pixels less than half covered by valid input are masked;
+  2. arcsinh stretch ``x = asinh(flux / s)`` with the survey's per-band softening ``s`` rescaled to
+     the output pixel area; masked pixels are set to 0, so their values never reach the tokens.
+Decoding undoes the stretch: it returns flux per output pixel in the survey's native unit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.errors import CodecError, ConfigError, ModalityError
+from engine.modalities.images import Image, SurveySpec, survey_for, survey_spec
+from engine.tokenizers.quantizers import FSQ
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "image_tokenizer.json", "image_tokenizer.safetensors"
+
+
+@dataclass(frozen=True)
+class ImageTokenizerConfig:
+    surveys: tuple[str, ...] = ("hst_f606w", "hst_f814w", "cfht_i", "muse_white")
+    crop_size: int = 96
+    pixel_scale_arcsec: float = 0.1
+    levels: tuple[int, ...] = (8, 5, 5, 5)
+    n_down: int = 3  # latent grid = crop_size / 2**n_down
+    width: int = 32  # channels after the stem; doubles per downsampling up to 4x
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    n_threads: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "surveys", tuple(self.surveys))
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        if not self.surveys:
+            raise ConfigError("ImageTokenizerConfig.surveys is empty; name at least one survey")
+        specs = [survey_spec(s) for s in self.surveys]  # raises ConfigError on unknown names
+        if len({s.n_bands for s in specs}) != 1:
+            raise ConfigError(
+                f"ImageTokenizerConfig.surveys={self.surveys} mix band counts {[s.n_bands for s in specs]}; "
+                "expected one band count per tokenizer"
+            )
+        checks = {
+            "crop_size": (self.crop_size >= 8 and self.crop_size % 2**self.n_down == 0, f"a multiple of 2**n_down={2**self.n_down}"),
+            "pixel_scale_arcsec": (math.isfinite(self.pixel_scale_arcsec) and self.pixel_scale_arcsec > 0, "finite > 0"),
+            "levels": (len(self.levels) >= 1 and min(self.levels) >= 2, "integers >= 2"),
+            "n_down": (1 <= self.n_down <= 5, "1..5"),
+            "width": (self.width >= 4, ">= 4"),
+            "steps": (self.steps >= 0, ">= 0"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "n_threads": (self.n_threads >= 1, ">= 1"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ConfigError(f"ImageTokenizerConfig.{name}={getattr(self, name)!r}; expected {allowed}")
+        grid = self.crop_size // 2**self.n_down
+        for spec in specs:
+            if spec.token_grid != grid:
+                raise ConfigError(
+                    f"ImageTokenizerConfig: survey {spec.name!r} has token_grid={spec.token_grid} but "
+                    f"crop_size/2**n_down={grid}; expected them equal"
+                )
+
+    @property
+    def n_bands(self) -> int:
+        return survey_spec(self.surveys[0]).n_bands
+
+
+# ---- preprocessing ------------------------------------------------------------------------------
+def arcsinh_stretch(flux: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return np.arcsinh(flux / scale)
+
+
+def inverse_stretch(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return np.sinh(x) * scale
+
+
+def overlap_matrix(n_in: int, scale_in: float, n_out: int, scale_out: float) -> np.ndarray:
+    """(n_out, n_in) length of overlap (arcsec) of output and input pixels; centre pixels n // 2 aligned."""
+    in_lo = (np.arange(n_in) - n_in // 2 - 0.5) * scale_in
+    out_lo = (np.arange(n_out) - n_out // 2 - 0.5) * scale_out
+    lo = np.maximum(out_lo[:, None], in_lo[None, :])
+    hi = np.minimum(out_lo[:, None] + scale_out, in_lo[None, :] + scale_in)
+    return np.clip(hi - lo, 0.0, None)
+
+
+def resample(flux: np.ndarray, valid: np.ndarray, scale_in: float, scale_out: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flux-conserving resampling of (N, C, H, W) onto a (size, size) grid; returns (flux, valid).
+
+    Output flux is the area-weighted sum of valid input flux, divided by the valid fraction of the
+    output pixel; pixels under half covered are invalid (flux 0).
+    """
+    _, _, h, w = flux.shape
+    oy, ox = overlap_matrix(h, scale_in, size, scale_out), overlap_matrix(w, scale_in, size, scale_out)
+    v = valid.astype(np.float64)
+    f = np.where(valid, flux, 0.0)
+    summed = (oy / scale_in) @ f @ (ox / scale_in).T  # (N, C, size, size)
+    cover = (oy / scale_out) @ v @ (ox / scale_out).T
+    ok = cover >= 0.5
+    return np.where(ok, summed / np.where(ok, cover, 1.0), 0.0), ok
+
+
+@dataclass(frozen=True)
+class Prepared:
+    x: np.ndarray  # (N, C, S, S) float32 stretched, 0 where invalid
+    valid: np.ndarray  # (N, C, S, S) bool
+    flux: np.ndarray  # (N, C, S, S) linear flux per output pixel, 0 where invalid
+    scale: np.ndarray  # (N, C) stretch softening at the output pixel scale
+
+
+def stretch_scale(spec: SurveySpec, pixel_scale_arcsec: float) -> np.ndarray:
+    """(C,) softening per output pixel: the spec's per-native-pixel value times the pixel-area ratio."""
+    return np.asarray(spec.stretch_scales) * (pixel_scale_arcsec / spec.pixel_scale_arcsec) ** 2
+
+
+# ---- model --------------------------------------------------------------------------------------
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU())
+
+
+class ImageAutoencoder(nn.Module):
+    """Conv encoder (stride-2 per level) -> FSQ -> mirrored decoder (nearest upsample + conv)."""
+
+    def __init__(self, n_bands: int, width: int, n_down: int, levels: tuple[int, ...]) -> None:
+        super().__init__()
+        widths = [min(width * 2**i, 4 * width) for i in range(n_down + 1)]
+        self.stem = _block(n_bands, widths[0])
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.GELU(), _block(widths[i + 1], widths[i + 1]))
+            for i in range(n_down)
+        )
+        self.to_latent = nn.Conv2d(widths[-1], len(levels), 1)
+        self.quantizer = FSQ(levels)
+        self.from_latent = nn.Sequential(nn.Conv2d(len(levels), widths[-1], 3, padding=1), nn.GELU())
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _block(widths[i + 1], widths[i]))
+            for i in reversed(range(n_down))
+        )
+        self.head = nn.Conv2d(widths[0], n_bands, 3, padding=1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stem(x)  # (B, w, S, S)
+        for layer in self.down:
+            h = layer(h)  # (B, w', S/2, S/2) ...
+        z = self.to_latent(h).permute(0, 2, 3, 1)  # (B, g, g, d)
+        return self.quantizer(z)  # codes (B, g, g, d), indices (B, g, g)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        h = self.from_latent(codes.permute(0, 3, 1, 2))  # (B, w', g, g)
+        for layer in self.up:
+            h = layer(h)
+        return self.head(h)  # (B, C, S, S)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, _ = self.encode(x)
+        return self.decode_codes(codes)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+class ImageTokenizer:
+    def __init__(self, config: ImageTokenizerConfig, model: ImageAutoencoder | None = None, fitted: bool = False) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.model = model or ImageAutoencoder(config.n_bands, config.width, config.n_down, config.levels)
+        self.model.eval()
+        self.fitted = fitted
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.quantizer.codebook_size
+
+    @property
+    def token_grid(self) -> int:
+        return self.config.crop_size // 2**self.config.n_down
+
+    def preprocess(self, images: Sequence[Image]) -> Prepared:
+        """Resample + crop + stretch each image with its survey's spec (grouped, not per object)."""
+        cfg = self.config
+        if not images:
+            raise ModalityError("ImageTokenizer: expected at least one image; got none")
+        n, c, s = len(images), cfg.n_bands, cfg.crop_size
+        specs = [survey_for(im) for im in images]
+        for spec in set(specs):
+            if spec.name not in cfg.surveys:
+                raise ModalityError(f"ImageTokenizer: expected images of {cfg.surveys}; got a {spec.name!r} image")
+        flux, valid, scale = np.zeros((n, c, s, s)), np.zeros((n, c, s, s), bool), np.zeros((n, c))
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault((specs[i].name, im.flux.shape, float(im.pixel_scale_arcsec)), []).append(i)
+        for (name, _, scale_in), idx in groups.items():
+            stack = np.stack([images[i].flux for i in idx]).astype(np.float64)
+            ok = np.stack([images[i].valid for i in idx])
+            flux[idx], valid[idx] = resample(stack, ok, scale_in, cfg.pixel_scale_arcsec, s)
+            scale[idx] = stretch_scale(survey_spec(name), cfg.pixel_scale_arcsec)
+        x = np.where(valid, arcsinh_stretch(flux, scale[:, :, None, None]), 0.0)
+        return Prepared(x.astype(np.float32), valid, flux, scale)
+
+    def fit(self, images: Sequence[Image]) -> "ImageTokenizer":
+        """Train the autoencoder on the images (masked MSE in stretched units, flips/rot90 augmentation)."""
+        cfg = self.config
+        prep = self.preprocess(images)
+        torch.set_num_threads(cfg.n_threads)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x, w = torch.from_numpy(prep.x), torch.from_numpy(prep.valid.astype(np.float32))
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.05)
+        self.model.train()
+        for step in range(cfg.steps):
+            idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen)
+            xb, wb = x[idx], w[idx]
+            k = int(torch.randint(8, (1,), generator=gen))
+            xb, wb = _augment(xb, k), _augment(wb, k)
+            loss = (((self.model(xb) - xb) ** 2) * wb).sum() / wb.sum().clamp_min(1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 200 == 0 or step == cfg.steps - 1:
+                log.info("image tokenizer step %d/%d loss %.4f", step, cfg.steps, float(loss))
+        self.model.eval()
+        self.fitted = True
+        return self
+
+    @torch.no_grad()
+    def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
+        self._require_fitted()
+        x = torch.from_numpy(prep.x)
+        out = [self.model.encode(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy().astype(np.int32)  # (N, g, g)
+
+    def encode(self, images: Sequence[Image]) -> np.ndarray:
+        """Images -> (N, g, g) int32 tokens in [0, vocab_size)."""
+        return self.encode_prepared(self.preprocess(images))
+
+    @torch.no_grad()
+    def decode_stretched(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, g, g) tokens -> (N, C, S, S) stretched images."""
+        self._require_fitted()
+        tokens = np.asarray(tokens)
+        g = self.token_grid
+        if tokens.ndim != 3 or tokens.shape[1:] != (g, g):
+            raise ModalityError(f"ImageTokenizer.decode: expected tokens of shape (N, {g}, {g}); got {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ModalityError(f"ImageTokenizer.decode: expected tokens in [0, {self.vocab_size}); got {tokens.min()}..{tokens.max()}")
+        t = torch.from_numpy(tokens.astype(np.int64))
+        q = self.model.quantizer
+        out = [self.model.decode_codes(q.indices_to_codes(t[i : i + batch_size])) for i in range(0, len(t), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
+
+    def decode(self, tokens: np.ndarray, survey: str) -> np.ndarray:
+        """Tokens -> (N, C, S, S) flux per output pixel (native unit of ``survey``, common pixel scale)."""
+        if survey not in self.config.surveys:
+            raise ModalityError(f"ImageTokenizer.decode: expected a survey in {self.config.surveys}; got {survey!r}")
+        scale = stretch_scale(survey_spec(survey), self.config.pixel_scale_arcsec)
+        return inverse_stretch(self.decode_stretched(tokens).astype(np.float64), scale[None, :, None, None])
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise CodecError("ImageTokenizer is not fitted: call fit() or load() a saved state first")
+
+    # ---- persistence: safetensors weights + JSON config ------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        self._require_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        state = {"kind": "image", "format_version": FORMAT_VERSION, "config": cfg}
+        (directory / CONFIG_FILE).write_text(json.dumps(state, indent=2))
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ImageTokenizer":
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise CodecError(f"no saved image tokenizer in {directory}; expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+        state = json.loads((directory / CONFIG_FILE).read_text())
+        if state.get("kind") != "image" or state.get("format_version") != FORMAT_VERSION:
+            raise CodecError(
+                f"{directory}: saved tokenizer has kind={state.get('kind')!r} format_version={state.get('format_version')!r}; "
+                f"expected kind='image' format_version={FORMAT_VERSION}"
+            )
+        config = ImageTokenizerConfig(**state["config"])
+        tok = cls(config, fitted=True)
+        tok.model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        tok.model.eval()
+        return tok
+
+
+def _augment(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of the square stamp."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x

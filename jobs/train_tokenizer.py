@@ -1,0 +1,76 @@
+"""Fit a tokenizer and save it: python jobs/train_tokenizer.py --kind spectrum|scalar --input FILES --out PATH
+
+spectrum: --input takes MaNGA-DAP style FITS (HDUs WAVE/FLUX/IVAR/MASK/Z) or MILES FITS (--format miles);
+          --survey picks the registered modality whose config is the starting point.
+scalar:   --input takes Parquet catalogues; --columns names the columns (default: the scalar table).
+The resolved config is written next to the output as config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _spectrum(a: argparse.Namespace, paths: list[str]):
+    from engine.modalities.registry import entry
+    from engine.modalities.spectra import read_manga, read_miles
+
+    overrides = {k: v for k, v in (("codebook_size", a.codebook_size), ("patch_length", a.patch_length), ("seed", a.seed)) if v is not None}
+    tok = entry(f"tok_spec_{a.survey}").build(**overrides)
+    if a.format == "miles":
+        batches = (read_miles(paths[i : i + 256], survey=a.survey) for i in range(0, len(paths), 256))
+    else:
+        batches = (read_manga(p, survey=a.survey) for p in paths)
+    tok.fit(batches).save(a.out)
+    return tok.config
+
+
+def _scalar(a: argparse.Namespace, paths: list[str]):
+    from engine.modalities import SCALARS
+    from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig
+
+    columns = tuple(a.columns or [s.column for s in SCALARS])
+    cfg = ScalarTokenizerConfig(columns=columns, rng_seed=a.seed or 0)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    ScalarTokenizer(cfg).fit(paths).save(Path(a.out) / "tokenizer.json")
+    return cfg
+
+
+def _image(a: argparse.Namespace, paths: list[str]):
+    try:
+        from engine.tokenizers import image  # noqa: F401  (added by the image work)
+    except ImportError as exc:
+        raise SystemExit(f"--kind image is not available yet: engine.tokenizers.image does not import ({exc})") from exc
+    return image.train_from_files(a, paths)
+
+
+KINDS = {"spectrum": _spectrum, "scalar": _scalar, "image": _image}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=sorted(KINDS), required=True)
+    p.add_argument("--input", nargs="+", required=True, help="files or globs")
+    p.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    p.add_argument("--survey", default="manga", help="spectrum: registered survey (tok_spec_<survey>)")
+    p.add_argument("--format", choices=("manga", "miles"), default="manga", help="spectrum: input file layout")
+    p.add_argument("--codebook-size", type=int)
+    p.add_argument("--patch-length", type=int)
+    p.add_argument("--columns", nargs="*", help="scalar: catalogue columns")
+    p.add_argument("--seed", type=int)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})
+    cfg = KINDS[a.kind](a, paths)
+    resolved = {"kind": a.kind, "inputs": paths, "config": asdict(cfg)}
+    (Path(a.out) / "config.json").write_text(json.dumps(resolved, indent=1, default=list))
+    logging.getLogger("train_tokenizer").info("wrote %s tokenizer to %s", a.kind, a.out)
+
+
+if __name__ == "__main__":
+    main()
