@@ -29,7 +29,7 @@ KIND_PREFIX = {"spectrum": "spec", "xp": "xp", "lightcurve": "lc", "image": "ima
 class ModalityEntry:
     kind: str  # one of KIND_PREFIX
     survey: str  # survey or band, e.g. "manga", "bp", "ztf_g"
-    tokenizer: str  # "module:Class"; the class has a ``Config`` it is built from
+    tokenizer: str  # "module:Class"; built from ``Class.Config`` or ``<Class>Config`` in the module
     config: Mapping[str, Any] = field(default_factory=dict)  # overrides of the config defaults
 
     def __post_init__(self) -> None:
@@ -53,10 +53,21 @@ class ModalityEntry:
                 "install its optional dependencies or wait for that module to land"
             ) from exc
 
+    def config_class(self) -> type:
+        """The tokenizer's ``Config`` attribute, else ``<Class>Config`` from its module."""
+        cls = self.tokenizer_class()
+        found = getattr(cls, "Config", None) or getattr(importlib.import_module(cls.__module__), f"{cls.__name__}Config", None)
+        if found is None:
+            raise ConfigError(f"{self.token_key}: {self.tokenizer} has no Config attribute and no {cls.__name__}Config in its module")
+        return found
+
+    def tokens_per_object(self) -> int | None:
+        """Fixed token count per object (``Config.n_tokens``), or None for ragged modalities."""
+        return getattr(self.config_class()(**self.config), "n_tokens", None)
+
     def build(self, **overrides: Any):
         """An unfitted tokenizer for this modality; ``overrides`` win over the registered config."""
-        cls = self.tokenizer_class()
-        return cls(cls.Config(**{**self.config, **overrides}))
+        return self.tokenizer_class()(self.config_class()(**{**self.config, **overrides}))
 
 
 def _entry(kind: str, survey: str, tokenizer: str, **config: Any) -> ModalityEntry:

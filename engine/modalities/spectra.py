@@ -195,7 +195,12 @@ class XPCoefficients:
 
     @property
     def lengths(self) -> np.ndarray:
+        """Tokens per row (one per element)."""
         return np.diff(self.indptr)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.indptr[-1])
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,12 @@ class LightCurves:
 
     @property
     def lengths(self) -> np.ndarray:
+        """Tokens per row (one per element)."""
         return np.diff(self.indptr)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.indptr[-1])
 
 
 # ---- readers for the survey files we have (FITS) -----------------------------------------------

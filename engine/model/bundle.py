@@ -138,3 +138,14 @@ class ModelBundle:
         except RuntimeError as exc:
             raise ModelError(f"{d / WEIGHTS} does not match the architecture in {d / CONFIG}: {exc}") from exc
         return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=raw)
+
+
+def load_bundle(model_dir: str | Path):
+    """A model directory, or ``"noop"``: the shipped tokenizer with a model that does nothing."""
+    from engine.model.noop import NOOP, NoOpBundle
+    from engine.sample import DEFAULT_MODEL_DIR
+
+    if str(model_dir) != NOOP:
+        return ModelBundle.load(model_dir)
+    real = ModelBundle.load(DEFAULT_MODEL_DIR)
+    return NoOpBundle(tokenizer=real.tokenizer, config=real.config, meta={**real.meta, "model_id": NOOP})

@@ -19,7 +19,7 @@ import ray
 import engine
 
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
-from engine.model.bundle import PRECISIONS, ModelBundle
+from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.modalities import Z_PHOT_COLUMNS
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
 from engine.pipeline.stages import ID, NO_VALID_INPUT, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
@@ -163,7 +163,7 @@ class _Ledger:
 
 def run_embed(cfg: EmbedConfig) -> dict:
     t0 = time.perf_counter()
-    bundle = ModelBundle.load(cfg.model_dir)  # fails early on a bad model dir
+    bundle = load_bundle(cfg.model_dir)  # fails early on a bad model dir
     unknown = sorted(set(cfg.columns) - set(bundle.config.input_modalities))
     if unknown:
         raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {list(bundle.config.input_modalities)}")

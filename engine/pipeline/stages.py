@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import CatalogError
-from engine.model.bundle import ModelBundle, resolve_device_dtype
+from engine.model.bundle import load_bundle, resolve_device_dtype
 from engine.modalities import Z_PHOT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class TokenizeStage:
     """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]) and ``flags``."""
 
     def __init__(self, model_dir: str, id_column: str = ID, columns: dict[str, str] | None = None) -> None:
-        bundle = ModelBundle.load(model_dir)
+        bundle = load_bundle(model_dir)
         self.tokenizer = bundle.tokenizer
         self.modalities = bundle.config.input_modalities
         self.tok_columns = [bundle.meta["inputs"][m] for m in self.modalities]  # tokenizer's own names
@@ -99,7 +99,7 @@ class EmbedStage:
         if threads:
             torch.set_num_threads(threads)
         self.device, self.autocast = resolve_device_dtype(precision, use_gpu)
-        self.bundle = ModelBundle.load(model_dir).to(self.device)
+        self.bundle = load_bundle(model_dir).to(self.device)
         log.info("model %s on %s (autocast %s)", self.bundle.model_id, self.device, self.autocast)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -39,8 +39,9 @@ class ImageTokenizerConfig:
     pixel_scale_arcsec: float = 0.1
     levels: tuple[int, ...] = (8, 5, 5, 5)
     n_down: int = 3  # latent grid = crop_size / 2**n_down
-    width: int = 32  # channels after the stem; doubles per downsampling up to 4x
-    steps: int = 1500
+    width: int = 16  # channels after the first downsampling; doubles per level up to 4x
+    steps: int = 600
+    train_crop: int = 48  # the conv net trains on random sub-crops (4x cheaper), encodes full crops
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
@@ -63,6 +64,8 @@ class ImageTokenizerConfig:
             "levels": (len(self.levels) >= 1 and min(self.levels) >= 2, "integers >= 2"),
             "n_down": (1 <= self.n_down <= 5, "1..5"),
             "width": (self.width >= 4, ">= 4"),
+            "train_crop": (self.train_crop % 2**self.n_down == 0 and 2**self.n_down <= self.train_crop <= self.crop_size,
+                           f"a multiple of 2**n_down={2**self.n_down} <= crop_size={self.crop_size}"),
             "steps": (self.steps >= 0, ">= 0"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "lr": (self.lr > 0, "> 0"),
@@ -132,42 +135,48 @@ def stretch_scale(spec: SurveySpec, pixel_scale_arcsec: float) -> np.ndarray:
 
 
 # ---- model --------------------------------------------------------------------------------------
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GELU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU())
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 class ImageAutoencoder(nn.Module):
-    """Conv encoder (stride-2 per level) -> FSQ -> mirrored decoder (nearest upsample + conv)."""
+    """Strided-conv encoder -> FSQ -> sub-pixel-conv decoder; channels double per level up to 4x width.
+
+    Full resolution only sees the first and last (cheap) convolutions, so a 96x96 stamp costs a few
+    tens of MFLOPs: fast enough to train and run on one CPU core.
+    """
 
     def __init__(self, n_bands: int, width: int, n_down: int, levels: tuple[int, ...]) -> None:
         super().__init__()
-        widths = [min(width * 2**i, 4 * width) for i in range(n_down + 1)]
-        self.stem = _block(n_bands, widths[0])
-        self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1), nn.GELU(), _block(widths[i + 1], widths[i + 1]))
-            for i in range(n_down)
-        )
+        widths = [min(width * 2**i, 4 * width) for i in range(n_down)]  # after each downsampling
+        ins = [n_bands] + widths[:-1]
+        self.down = nn.Sequential(*(
+            nn.Sequential(nn.Conv2d(ins[i], widths[i], 4, stride=2, padding=1), nn.GELU()) for i in range(n_down)
+        ))
+        self.mid_enc = _Residual(widths[-1])
         self.to_latent = nn.Conv2d(widths[-1], len(levels), 1)
         self.quantizer = FSQ(levels)
-        self.from_latent = nn.Sequential(nn.Conv2d(len(levels), widths[-1], 3, padding=1), nn.GELU())
-        self.up = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _block(widths[i + 1], widths[i]))
-            for i in reversed(range(n_down))
-        )
+        self.from_latent = nn.Sequential(nn.Conv2d(len(levels), widths[-1], 3, padding=1), nn.GELU(), _Residual(widths[-1]))
+        outs = [widths[i - 1] if i > 0 else widths[0] for i in range(n_down)][::-1]
+        self.up = nn.Sequential(*(  # sub-pixel upsampling: conv at low resolution, then PixelShuffle
+            nn.Sequential(nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2), nn.GELU())
+            for c_in, c_out in zip(widths[::-1], outs)
+        ))
         self.head = nn.Conv2d(widths[0], n_bands, 3, padding=1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.stem(x)  # (B, w, S, S)
-        for layer in self.down:
-            h = layer(h)  # (B, w', S/2, S/2) ...
+        h = self.mid_enc(self.down(x))  # (B, C, S, S) -> (B, w', g, g)
         z = self.to_latent(h).permute(0, 2, 3, 1)  # (B, g, g, d)
         return self.quantizer(z)  # codes (B, g, g, d), indices (B, g, g)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         h = self.from_latent(codes.permute(0, 3, 1, 2))  # (B, w', g, g)
-        for layer in self.up:
-            h = layer(h)
-        return self.head(h)  # (B, C, S, S)
+        return self.head(self.up(h))  # (B, C, S, S)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, _ = self.encode(x)
@@ -225,7 +234,9 @@ class ImageTokenizer:
         self.model.train()
         for step in range(cfg.steps):
             idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen)
-            xb, wb = x[idx], w[idx]
+            c, step8 = cfg.train_crop, 2**cfg.n_down
+            y0, x0 = (int(v) * step8 for v in torch.randint((cfg.crop_size - c) // step8 + 1, (2,), generator=gen))
+            xb, wb = x[idx, :, y0 : y0 + c, x0 : x0 + c], w[idx, :, y0 : y0 + c, x0 : x0 + c]
             k = int(torch.randint(8, (1,), generator=gen))
             xb, wb = _augment(xb, k), _augment(wb, k)
             loss = (((self.model(xb) - xb) ** 2) * wb).sum() / wb.sum().clamp_min(1.0)
@@ -234,7 +245,7 @@ class ImageTokenizer:
             opt.step()
             sched.step()
             if step % 200 == 0 or step == cfg.steps - 1:
-                log.info("image tokenizer step %d/%d loss %.4f", step, cfg.steps, float(loss))
+                log.info("image tokenizer step %d/%d loss %.4f", step, cfg.steps, loss.item())
         self.model.eval()
         self.fitted = True
         return self

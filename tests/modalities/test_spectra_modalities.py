@@ -71,7 +71,7 @@ def test_all_masked_spectrum_is_accepted_as_data():
 def test_xp_coefficients_ragged_rows_and_errors():
     xp = XPCoefficients("rp", np.arange(5.0), np.array([0, 2, 2, 5]))
     assert xp.token_key == "tok_xp_rp"
-    assert xp.lengths.tolist() == [2, 0, 3]
+    assert xp.lengths.tolist() == [2, 0, 3] and xp.n_tokens == 5
     with pytest.raises(ModalityError, match=r"band: expected one of \('bp', 'rp'\), got 'g'"):
         XPCoefficients("g", np.arange(5.0), np.array([0, 5]))
     with pytest.raises(ModalityError, match=r"indptr: expected non-decreasing offsets from 0 to 5"):
@@ -113,6 +113,8 @@ def test_registry_token_keys_are_unique_and_entries_build_configured_tokenizers(
     assert tok.config.sky_lines_aa == () and tok.config.codebook_size == 32
     assert registry.entry("tok_xp_bp").build().config.mode == "position_bins"
     assert registry.entry("tok_lc_ztf_g").build().config.mode == "kmeans"
+    assert registry.entry("tok_spec_manga").tokens_per_object() == 257  # scale + 64 patches x 4 stages
+    assert registry.entry("tok_xp_bp").tokens_per_object() is None  # ragged: one token per element
     assert {e.token_key for e in registry.entries("spectrum")} == {k for k in keys if k.startswith("tok_spec_")}
     with pytest.raises(ConfigError, match=r"unknown modality 'tok_spec_nope'"):
         registry.entry("tok_spec_nope")

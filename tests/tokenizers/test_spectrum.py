@@ -15,7 +15,7 @@ from engine.tokenizers.spectrum import (
 
 DATA = Path(__file__).parents[1] / "data" / "spectra"
 # tiny but real: 64 patches of 16 latent pixels, 64-entry codebook
-CFG = SpectrumTokenizerConfig(wave_min_aa=3600.0, wave_max_aa=7400.0, n_pixels=1024, patch_length=16,
+CFG = SpectrumTokenizerConfig(wave_min_aa=3600.0, wave_max_aa=7400.0, n_pixels=1024, patch_length=16, n_stages=1,
                               codebook_size=64, n_scale_bins=256, max_patches=20_000, kmeans_niter=10)
 
 
