@@ -173,6 +173,13 @@ def _check_indptr(owner: str, indptr, n_values: int) -> np.ndarray:
     return indptr
 
 
+def _row_ids(owner: str, ids, n_rows: int) -> np.ndarray:
+    ids = _array(owner, "object_id", np.arange(n_rows) if ids is None else ids, 1, dtype=np.int64)
+    if len(ids) != n_rows:
+        raise ModalityError(f"{owner}.object_id: expected {n_rows} ids (one per row), got {len(ids)}")
+    return ids
+
+
 @dataclass(frozen=True)
 class XPCoefficients:
     """Gaia XP continuous-spectrum coefficients of one band ('bp' or 'rp'), ragged: row i is
@@ -181,6 +188,7 @@ class XPCoefficients:
     band: str
     coefficients: np.ndarray  # (total,)
     indptr: np.ndarray  # (n_rows + 1,) int64
+    object_id: np.ndarray | None = None  # (n_rows,) int64; defaults to 0..n_rows-1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -188,6 +196,7 @@ class XPCoefficients:
             raise ModalityError(f"{owner}.band: expected one of {XP_BANDS}, got {self.band!r}")
         _set(self, "coefficients", _array(owner, "coefficients", self.coefficients, 1))
         _set(self, "indptr", _check_indptr(owner, self.indptr, len(self.coefficients)))
+        _set(self, "object_id", _row_ids(owner, self.object_id, len(self.indptr) - 1))
 
     @property
     def token_key(self) -> str:
@@ -213,6 +222,7 @@ class LightCurves:
     mag: np.ndarray  # (total,)
     mag_err: np.ndarray  # (total,), >= 0
     indptr: np.ndarray  # (n_rows + 1,) int64
+    object_id: np.ndarray | None = None  # (n_rows,) int64; defaults to 0..n_rows-1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -228,6 +238,7 @@ class LightCurves:
         if np.any(self.mag_err < 0):
             raise ModalityError(f"{owner}.mag_err: expected values >= 0, got min {np.nanmin(self.mag_err)}")
         _set(self, "indptr", _check_indptr(owner, self.indptr, n))
+        _set(self, "object_id", _row_ids(owner, self.object_id, len(self.indptr) - 1))
         step = np.diff(self.time_mjd)
         within_row = np.ones(max(n - 1, 0), dtype=bool)
         within_row[self.indptr[1:-1][(self.indptr[1:-1] > 0) & (self.indptr[1:-1] < n)] - 1] = False

@@ -58,6 +58,7 @@ class SequenceTokens:
     tokens: np.ndarray  # (total,) int32
     indptr: np.ndarray  # (n_rows + 1,) int64
     token_key: str
+    object_id: np.ndarray  # (n_rows,) int64
 
     def row(self, i: int) -> np.ndarray:
         return self.tokens[self.indptr[i] : self.indptr[i + 1]]
@@ -167,7 +168,7 @@ class SequenceTokenizer:
             x = (np.where(bad[:, None], 0.0, f) - self.arrays["mean"]) / self.arrays["std"]
             tok = nearest(x, np.ones_like(x), self.arrays["codebook"])
         tok = np.where(bad, self.missing_token, tok).astype(np.int32)
-        return SequenceTokens(tok, seq.indptr.copy(), seq.token_key)
+        return SequenceTokens(tok, seq.indptr.copy(), seq.token_key, seq.object_id.copy())
 
     def decode(self, tokens: SequenceTokens, time0_mjd: np.ndarray | None = None) -> XPCoefficients | LightCurves:
         self._require_fitted()
@@ -179,7 +180,7 @@ class SequenceTokenizer:
         band = tokens.token_key.split("_", 2)[-1]
         if self.config.mode == "position_bins":
             vals = self.arrays["centres"][positions(indptr), k]
-            return XPCoefficients(band, np.where(missing, np.nan, vals), indptr)
+            return XPCoefficients(band, np.where(missing, np.nan, vals), indptr, tokens.object_id)
         f = self.arrays["codebook"][k] * self.arrays["std"] + self.arrays["mean"]
         f[missing] = np.nan
         dt = np.where(missing, 0.0, 10.0 ** f[:, 0] - 1.0)
@@ -190,7 +191,7 @@ class SequenceTokenizer:
         t = c - np.repeat(c[starts], lengths[lengths > 0])
         if time0_mjd is not None:
             t = t + np.repeat(np.asarray(time0_mjd, dtype=np.float64), lengths)
-        return LightCurves(band, t, f[:, 1], 10.0 ** f[:, 2], indptr)
+        return LightCurves(band, t, f[:, 1], 10.0 ** f[:, 2], indptr, tokens.object_id)
 
     # ---- persistence: JSON + safetensors, no pickle ------------------------------------------------
     def save(self, directory: str | Path) -> None:

@@ -72,6 +72,9 @@ def test_xp_coefficients_ragged_rows_and_errors():
     xp = XPCoefficients("rp", np.arange(5.0), np.array([0, 2, 2, 5]))
     assert xp.token_key == "tok_xp_rp"
     assert xp.lengths.tolist() == [2, 0, 3] and xp.n_tokens == 5
+    assert xp.object_id.tolist() == [0, 1, 2]
+    with pytest.raises(ModalityError, match=r"object_id: expected 3 ids \(one per row\), got 2"):
+        XPCoefficients("rp", np.arange(5.0), np.array([0, 2, 2, 5]), np.array([4, 5]))
     with pytest.raises(ModalityError, match=r"band: expected one of \('bp', 'rp'\), got 'g'"):
         XPCoefficients("g", np.arange(5.0), np.array([0, 5]))
     with pytest.raises(ModalityError, match=r"indptr: expected non-decreasing offsets from 0 to 5"):

@@ -18,7 +18,7 @@ def _xp(n_rows: int, seed: int, max_len: int = 55) -> XPCoefficients:
     lengths[:3] = [0, max_len, 1]  # an empty row, a full row, a single value
     indptr = np.r_[0, np.cumsum(lengths)]
     pos = positions(indptr)
-    return XPCoefficients("bp", rng.normal(size=indptr[-1]) * 10.0 ** (3 - pos / 10), indptr)
+    return XPCoefficients("bp", rng.normal(size=indptr[-1]) * 10.0 ** (3 - pos / 10), indptr, 1000 + np.arange(n_rows))
 
 
 def _lc(n_rows: int, seed: int) -> LightCurves:
@@ -53,6 +53,7 @@ def test_xp_indptr_is_kept_and_rows_round_trip(xp_tok):
     assert np.array_equal(np.diff(enc.indptr), xp.lengths)
     dec = xp_tok.decode(enc)
     assert np.array_equal(dec.indptr, xp.indptr) and dec.band == "bp"
+    assert np.array_equal(enc.object_id, xp.object_id) and np.array_equal(dec.object_id, xp.object_id)
     # each decoded value lies in the bin of its own position that holds the input (inside the fitted range)
     pos = positions(xp.indptr)
     edges = xp_tok.arrays["edges"][pos]
@@ -117,7 +118,7 @@ def test_wrong_container_type_is_rejected(xp_tok, lc_tok):
 
 def test_decode_rejects_inconsistent_indptr(xp_tok):
     with pytest.raises(ModalityError, match=r"expected indptr ending at 3"):
-        xp_tok.decode(SequenceTokens(np.zeros(3, dtype=np.int32), np.array([0, 2]), "tok_xp_bp"))
+        xp_tok.decode(SequenceTokens(np.zeros(3, dtype=np.int32), np.array([0, 2]), "tok_xp_bp", np.array([7])))
 
 
 @pytest.mark.parametrize("fixture,data", [("xp_tok", lambda: _xp(50, 5)), ("lc_tok", lambda: _lc(30, 5))])
