@@ -27,7 +27,7 @@ def parse_columns(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", nargs="+", required=True, help="Parquet files, globs, directories or URIs (s3://, gs://, ...)")
     p.add_argument("--out", required=True, help="output Lance table (path or URI)")
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="commit verified input files to the table at most this often (0 = as each completes)")
     p.add_argument("--max-failed-fraction", type=float, default=0.0,
                    help="tolerate this fraction of bad input files (reported in the summary) before failing")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EmbedConfig(
         catalog=tuple(a.catalog), out=a.out, model_dir=a.model, id_column=a.id_column, columns=parse_columns(a.columns),

@@ -18,6 +18,7 @@ import ray
 
 import engine
 
+from engine.cluster import embed_stage_resources
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.modalities import Z_PHOT_COLUMNS
@@ -217,22 +218,21 @@ def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> 
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = -1  # a failing file must not stop the others; its unit stays uncommitted
     read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
+    res = embed_stage_resources(cfg)  # one source for what each stage asks of the cluster
     ds = ray.data.from_items([{SOURCE_PATH: p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map_batches(ReadUnit(filesystem, read_cols, SOURCE_PATH), batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+    ds = ds.map_batches(ReadUnit(filesystem, read_cols, SOURCE_PATH), batch_size=1, batch_format="pyarrow", **res["read"])
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=0.25,
-        compute=ray.data.ActorPoolStrategy(size=cfg.tokenizer_actors),
+        batch_size=cfg.batch_size, batch_format="pyarrow", **res["tokenize"],
     )
     use_gpu = cfg.num_gpus > 0
     ds = ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={"model_dir": cfg.model_dir, "precision": cfg.precision, "use_gpu": use_gpu,
                                "threads": None if use_gpu else cfg.model_threads},
-        batch_size=cfg.batch_size, batch_format="pyarrow", num_gpus=cfg.num_gpus,
-        num_cpus=1 if use_gpu else cfg.model_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.model_actors),
+        batch_size=cfg.batch_size, batch_format="pyarrow", **res["model"],
     )
-    ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=cfg.write_rows, batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=cfg.write_rows, batch_format="pyarrow", **res["write"])
     for result in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         ledger.add(result)
 
