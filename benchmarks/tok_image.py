@@ -129,7 +129,7 @@ def _throughput(tok: ImageTokenizer, prep: Prepared, n: int) -> dict:
 
 def run(seed: int, quick: bool) -> dict:
     t_start = time.perf_counter()
-    cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=300 if quick else 1200, seed=seed)
+    cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=150 if quick else 450, seed=seed)
     cfht_stamps, cfht_images, cfht_sigma = _field_stamps("cfht_a370", cfg)
     _, a478_images, _ = _field_stamps("hst_a478", cfg)
     _, hdfs_images, hdfs_sigma = _field_stamps("hst_hdfs", cfg)

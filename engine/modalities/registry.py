@@ -21,7 +21,7 @@ from engine.errors import ConfigError
 
 SPECTRUM = "engine.tokenizers.spectrum:SpectrumTokenizer"
 SEQUENCE = "engine.tokenizers.sequence:SequenceTokenizer"
-IMAGE = "engine.tokenizers.image:ImageTokenizer"  # owned by the image work; register entries below
+IMAGE = "engine.tokenizers.image:ImageTokenizer"
 KIND_PREFIX = {"spectrum": "spec", "xp": "xp", "lightcurve": "lc", "image": "image"}
 
 
@@ -79,6 +79,11 @@ _ENTRIES: tuple[ModalityEntry, ...] = (
     _entry("spectrum", "desi", SPECTRUM, wave_min_aa=3600.0, wave_max_aa=9800.0),
     _entry("spectrum", "manga", SPECTRUM, wave_min_aa=3550.0, wave_max_aa=7400.0),
     _entry("spectrum", "miles", SPECTRUM, wave_min_aa=3550.0, wave_max_aa=7400.0, sky_lines_aa=()),
+    _entry("image", "legacy", IMAGE, surveys=("legacy",)),
+    _entry("image", "hsc", IMAGE, surveys=("hsc",)),
+    _entry("image", "hst_f606w", IMAGE, surveys=("hst_f606w", "hst_f814w", "cfht_i")),  # one single-band codec
+    _entry("image", "hst_f814w", IMAGE, surveys=("hst_f606w", "hst_f814w", "cfht_i")),
+    _entry("image", "cfht_i", IMAGE, surveys=("hst_f606w", "hst_f814w", "cfht_i")),
     _entry("xp", "bp", SEQUENCE, mode="position_bins"),
     _entry("xp", "rp", SEQUENCE, mode="position_bins"),
     _entry("lightcurve", "ztf_g", SEQUENCE, mode="kmeans"),

@@ -43,7 +43,7 @@ class ImageTokenizerConfig:
     steps: int = 600
     train_crop: int = 48  # the conv net trains on random sub-crops (4x cheaper), encodes full crops
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     seed: int = 0
     n_threads: int = 2
 

@@ -1,0 +1,132 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import CodecError, ConfigError, ModalityError
+from engine.modalities.images import Image
+from engine.tokenizers.image import (
+    ImageTokenizer,
+    ImageTokenizerConfig,
+    arcsinh_stretch,
+    inverse_stretch,
+    resample,
+)
+from engine.tokenizers.stamps import StampConfig, cut_stamps, read_field
+
+CUTOUT = Path(__file__).parents[1] / "data" / "images" / "cfht_a370_cutout.fits"
+TINY = dict(surveys=("cfht_i",), width=8, steps=40, batch_size=8, train_crop=48, lr=1e-2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stamps():
+    field = read_field(CUTOUT)  # CFHT I band, 0.206"/pix -> 48 px covers 96 px at 0.1"/pix
+    return cut_stamps(field, StampConfig(size_pix=48))
+
+
+@pytest.fixture(scope="module")
+def images(stamps):
+    return [Image(p[None].astype(np.float64), ("CFHT-I",), stamps.pixel_scale_arcsec) for p in stamps.pixels]
+
+
+@pytest.fixture(scope="module")
+def tok(images):
+    return ImageTokenizer(ImageTokenizerConfig(**TINY)).fit(images)
+
+
+def test_arcsinh_stretch_inverse_is_exact():
+    f = np.array([-1e4, -3.0, 0.0, 1e-6, 2.5, 7e5])
+    s = np.array(15.0)
+    np.testing.assert_allclose(inverse_stretch(arcsinh_stretch(f, s), s), f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale_in, n_in", [(0.04, 200), (0.1, 80), (0.206, 40), (0.2, 41)])
+def test_resampling_preserves_total_flux(scale_in, n_in):
+    rng = np.random.default_rng(1)
+    img = np.zeros((2, 1, n_in, n_in))
+    m = n_in // 4  # sources well inside the footprint; the border is empty sky
+    img[:, :, m:-m, m:-m] = rng.exponential(size=(2, 1, n_in - 2 * m, n_in - 2 * m))
+    out, ok = resample(img, np.ones_like(img, bool), scale_in, 0.1, 96)
+    assert ok.sum() > 0
+    np.testing.assert_allclose(out.sum((1, 2, 3)), img.sum((1, 2, 3)), rtol=1e-3)
+
+
+def test_resampling_masks_uncovered_pixels_and_fills_masked_ones():
+    img = np.ones((1, 1, 20, 20))
+    valid = np.ones_like(img, bool)
+    valid[0, 0, 5, 5] = False
+    out, ok = resample(img, valid, 0.1, 0.1, 30)
+    assert ok.sum() == 399  # 20x20 input on a 30x30 grid minus the masked pixel
+    assert np.all(out[ok] == 1.0) and np.all(out[~ok] == 0.0)
+
+
+def test_round_trip_fidelity_on_real_stamps(tok, images):
+    prep = tok.preprocess(images)
+    tokens = tok.encode_prepared(prep)
+    assert tokens.shape == (len(images), 12, 12) and tokens.min() >= 0 and tokens.max() < tok.vocab_size == 1000
+    rec = tok.decode_stretched(tokens)
+    v = prep.valid
+    bright = v & (prep.x > 2.0)  # source pixels, > ~3.6 softening scales; the sky is noise the codec drops
+    err = np.sqrt(((rec - prep.x) ** 2)[bright].mean())
+    assert err < 0.75 * np.sqrt((prep.x**2)[bright].mean())  # clearly better than predicting empty sky
+    flux = tok.decode(tokens, "cfht_i")  # the stretch is undone: decode == inverse_stretch(decode_stretched)
+    np.testing.assert_allclose(flux, inverse_stretch(rec.astype(np.float64), prep.scale[:, :, None, None]), rtol=1e-6)
+
+
+def test_masked_pixels_do_not_change_tokens(tok, images):
+    im = images[3]
+    mask = np.zeros_like(im.flux, bool)
+    mask[0, 20:24, 20:24] = True
+    a = Image(im.flux, im.bands, im.pixel_scale_arcsec, mask=mask)
+    flux_b = im.flux.copy()
+    flux_b[0, 20:24, 20:24] = 1e6
+    flux_c = im.flux.copy()
+    flux_c[0, 20:24, 20:24] = np.nan
+    b = Image(flux_b, im.bands, im.pixel_scale_arcsec, mask=mask)
+    c = Image(flux_c, im.bands, im.pixel_scale_arcsec)  # NaN pixels are masked without an explicit mask
+    ta, tb, tc = tok.encode([a, b, c])
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_array_equal(ta, tc)
+    assert np.isfinite(tok.preprocess([c]).x).all()
+
+
+def test_save_load_gives_identical_tokens_and_images(tok, images, tmp_path):
+    tok.save(tmp_path / "img")
+    state = json.loads((tmp_path / "img" / "image_tokenizer.json").read_text())
+    assert state["kind"] == "image" and state["format_version"] == 1 and state["config"]["levels"] == [8, 5, 5, 5]
+    loaded = ImageTokenizer.load(tmp_path / "img")
+    t1, t2 = tok.encode(images[:8]), loaded.encode(images[:8])
+    np.testing.assert_array_equal(t1, t2)
+    np.testing.assert_array_equal(tok.decode(t1, "cfht_i"), loaded.decode(t2, "cfht_i"))
+
+
+def test_bad_inputs_raise_domain_errors(tok, images, tmp_path):
+    hsc = Image(np.ones((5, 48, 48)), ("HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y"), 0.168)
+    with pytest.raises(ModalityError, match=r"expected images of \('cfht_i',\); got a 'hsc' image"):
+        tok.encode([hsc])
+    with pytest.raises(ModalityError, match="all NaN"):
+        Image(np.full((1, 48, 48), np.nan), ("CFHT-I",), 0.2)
+    with pytest.raises(ModalityError, match="pixel_scale_arcsec: expected a finite number > 0; got inf"):
+        Image(np.ones((1, 48, 48)), ("CFHT-I",), float("inf"))
+    with pytest.raises(ModalityError, match=r"expected shape \(bands, H, W\)"):
+        Image(np.ones((48, 48)), ("CFHT-I",), 0.2)
+    with pytest.raises(ModalityError, match=r"expected tokens of shape \(N, 12, 12\); got \(2, 6, 6\)"):
+        tok.decode(np.zeros((2, 6, 6), int), "cfht_i")
+    with pytest.raises(ModalityError, match=r"expected tokens in \[0, 1000\)"):
+        tok.decode(np.full((1, 12, 12), 1000), "cfht_i")
+    with pytest.raises(CodecError, match="not fitted"):
+        ImageTokenizer(ImageTokenizerConfig(**TINY)).encode(images[:1])
+    with pytest.raises(CodecError, match="no saved image tokenizer"):
+        ImageTokenizer.load(tmp_path / "missing")
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ConfigError, match="mix band counts"):
+        ImageTokenizerConfig(surveys=("cfht_i", "legacy"))
+    with pytest.raises(ConfigError, match="token_grid=12 but crop_size/2\\*\\*n_down=8"):
+        ImageTokenizerConfig(surveys=("cfht_i",), crop_size=64)
+    with pytest.raises(ConfigError, match="pixel_scale_arcsec=nan"):
+        ImageTokenizerConfig(pixel_scale_arcsec=float("nan"))
+    with pytest.raises(ConfigError, match="unknown image survey"):
+        ImageTokenizerConfig(surveys=("sdss",))
