@@ -40,6 +40,9 @@ SCALARS: tuple[ScalarSpec, ...] = (
         )
         for b in "ugriz"
     ),
+    # LSST's sixth band; SDSS has none, so the default model does not read it. LSST catalogues
+    # (e.g. mag_y_lsst) map their columns onto these streams with TrainConfig.columns.
+    ScalarSpec("mag_y", "mag_y", "quantile", "mag", "y-band magnitude (AB; LSST/HSC)", "magerr_y"),
     ScalarSpec("redshift", "z_spec", "quantile", "", "spectroscopic redshift"),
 )
 

@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 import engine
 from engine.errors import ConfigError, ModelError
 from engine.model.config import ModelConfig
-from engine.model.redshift import softmax, summarize
+from engine.model import generate as _generate
+from engine.model.redshift import REDSHIFT, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
 from engine.tokenizers.scalar import ScalarTokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-REDSHIFT = "redshift"
 
 
 def resolve_device_dtype(precision: str, use_gpu: bool) -> tuple[torch.device, torch.dtype | None]:
@@ -102,6 +102,21 @@ class ModelBundle:
             for v in out.values():
                 v[empty] = np.nan
         return out
+
+    # ---- AION-style API (engine.model.generate) -------------------------------------------
+    @property
+    def supported_targets(self) -> tuple[str, ...]:
+        return _generate.supported_targets(self)
+
+    def tokenize(self, modalities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _generate.tokenize(self, modalities)
+
+    def encode(self, tokens: dict[str, np.ndarray], per_token: bool = False):
+        return _generate.encode(self, tokens, per_token)
+
+    def generate(self, inputs: dict[str, np.ndarray], targets: list[str], **kwargs) -> dict[str, dict[str, np.ndarray]]:
+        """See engine.model.generate.generate (num_generations, temperature, top_k, top_p, seed, ...)."""
+        return _generate.generate(self, inputs, targets, **kwargs)
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, model_dir: str | Path, extra: dict | None = None) -> Path:

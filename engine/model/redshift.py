@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+REDSHIFT = "redshift"  # the target-only stream the photo-z summaries describe
 QUANTILES = {"z_phot_median": 0.5, "z_phot_l68": 0.15865, "z_phot_u68": 0.84135, "z_phot_l95": 0.025, "z_phot_u95": 0.975}
 
 

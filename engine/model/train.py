@@ -26,7 +26,7 @@ from engine.model.config import ModelConfig
 from engine.model.redshift import coverage, photoz_metrics, pit, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
 from engine.modalities import SCALARS_BY_NAME
-from engine.sample import holdout_mask
+from engine.sample import holdout_mask, kfold_index
 from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig, missing_mask
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class TrainConfig:
     id_column: str = "object_id"
     z_column: str = "z_spec"
     holdout_fraction: float = 0.2  # never trained on; scored at the end
+    # Cross-validation: with n_folds > 0 the holdout is fold `holdout_fold` of kfold_index(id, n_folds)
+    # (holdout_fraction is then unused); the validation split is drawn from the other folds as usual.
+    n_folds: int = 0
+    holdout_fold: int = 0
     val_fraction: float = 0.1  # of the rest; calibrates the p(z) temperature
     epochs: int = 60
     batch_size: int = 128
@@ -60,6 +64,10 @@ class TrainConfig:
     num_heads: int = 4
     threads: int = 2
     model: dict = field(default_factory=dict)  # extra ModelConfig fields
+    # Catalogue columns per input modality when they differ from engine.modalities.SCALARS, e.g.
+    # {"mag_u": "mag_u_lsst"} and {"mag_u": "mag_err_u_lsst"} for LSST DESC catalogues.
+    columns: dict = field(default_factory=dict)
+    error_columns_by_input: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.inputs:
@@ -68,16 +76,25 @@ class TrainConfig:
         for name in ("holdout_fraction", "val_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)}; expected 0 <= value < 1")
+        for name in ("columns", "error_columns_by_input"):
+            unknown = sorted(set(getattr(self, name)) - set(self.inputs))
+            if unknown:
+                raise ConfigError(f"TrainConfig.{name}: {unknown} are not in inputs {list(self.inputs)}")
+        if self.n_folds < 0 or (self.n_folds and not 0 <= self.holdout_fold < self.n_folds):
+            raise ConfigError(
+                f"TrainConfig: n_folds={self.n_folds}, holdout_fold={self.holdout_fold}; "
+                "expected n_folds=0 (hash holdout) or 0 <= holdout_fold < n_folds"
+            )
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"TrainConfig: epochs={self.epochs}, batch_size={self.batch_size}; expected >= 1")
 
     @property
     def input_columns(self) -> tuple[str, ...]:
-        return tuple(SCALARS_BY_NAME[m].column for m in self.inputs)
+        return tuple(self.columns.get(m, SCALARS_BY_NAME[m].column) for m in self.inputs)
 
     @property
     def error_columns(self) -> tuple[str | None, ...]:
-        return tuple(SCALARS_BY_NAME[m].error_column for m in self.inputs)
+        return tuple(self.error_columns_by_input.get(m, SCALARS_BY_NAME[m].error_column) for m in self.inputs)
 
 
 def read_training_table(paths: list[str], cfg: TrainConfig) -> pa.Table:
@@ -96,7 +113,10 @@ def read_training_table(paths: list[str], cfg: TrainConfig) -> pa.Table:
 
 
 def split_masks(ids: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
-    hold = holdout_mask(ids, cfg.holdout_fraction, salt=0)
+    if cfg.n_folds:
+        hold = kfold_index(ids, cfg.n_folds) == cfg.holdout_fold
+    else:
+        hold = holdout_mask(ids, cfg.holdout_fraction, salt=0)
     val = holdout_mask(ids, cfg.val_fraction, salt=7) & ~hold
     return {"train": ~hold & ~val, "val": val, "holdout": hold}
 

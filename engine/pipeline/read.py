@@ -7,16 +7,24 @@ the job here, naming the file, the column and what is expected.
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import os
 from dataclasses import dataclass
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.table import Table
 
 from engine.errors import CatalogError
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
+CATALOG_SUFFIXES = PARQUET_SUFFIXES + FITS_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def expand(specs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
-    """Paths, globs or directories (local or one remote filesystem) -> sorted Parquet file paths."""
+    """Paths, globs or directories (local or one remote filesystem) -> sorted Parquet/FITS file paths."""
     fs = None
     paths: list[str] = []
     for spec in specs:
@@ -82,9 +90,9 @@ def expand(specs: list[str]) -> tuple[pafs.FileSystem, list[str]]:
             raise CatalogError(f"--catalog {spec!r}: no such file or directory")
         if info.type == pafs.FileType.Directory:
             inner = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            found = sorted(i.path for i in inner if i.path.endswith(PARQUET_SUFFIXES))
+            found = sorted(i.path for i in inner if i.path.lower().endswith(CATALOG_SUFFIXES))
             if not found:
-                raise CatalogError(f"--catalog {spec!r}: directory holds no Parquet files ({PARQUET_SUFFIXES})")
+                raise CatalogError(f"--catalog {spec!r}: directory holds no Parquet or FITS files ({CATALOG_SUFFIXES})")
             paths.extend(found)
         else:
             paths.append(base)
@@ -98,6 +106,14 @@ def open_catalog(specs: list[str]) -> tuple[Catalog, dict[str, str]]:
     fs, paths = expand(specs)
     files, failed = [], {}
     for path in paths:
+        if is_fits(path):
+            try:
+                num_rows, schema = _fits_header(fs, path)
+            except (OSError, ValueError, IndexError) as exc:
+                failed[path] = f"not a readable FITS table ({exc})"
+                continue
+            files.append(CatalogFile(path=path, num_rows=num_rows, schema=schema))
+            continue
         try:
             meta = pq.ParquetFile(path, filesystem=fs).metadata
         except (OSError, pa.ArrowException) as exc:
@@ -105,6 +121,59 @@ def open_catalog(specs: list[str]) -> tuple[Catalog, dict[str, str]]:
             continue
         files.append(CatalogFile(path=path, num_rows=meta.num_rows, schema=meta.schema.to_arrow_schema()))
     return Catalog(files=tuple(files), filesystem=fs), failed
+
+
+def is_fits(path: str) -> bool:
+    return path.lower().endswith(FITS_SUFFIXES)
+
+
+def _fits_table_hdu(hdul):
+    for hdu in hdul:
+        if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+            return hdu
+    raise ValueError(f"no table HDU; HDUs present: {[type(h).__name__ for h in hdul]}")
+
+
+def _open_fits(fs: pafs.FileSystem, path: str):
+    with fs.open_input_file(path) as f:
+        raw = f.read()
+    if path.lower().endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return fits.open(io.BytesIO(raw), memmap=False)
+
+
+def _fits_header(fs: pafs.FileSystem, path: str) -> tuple[int, pa.Schema]:
+    """Row count and Arrow schema of the first table HDU (scalar columns; vector columns as lists)."""
+    with _open_fits(fs, path) as hdul:
+        hdu = _fits_table_hdu(hdul)
+        dtype = hdu.columns.dtype
+        fields = []
+        for name in dtype.names:
+            base = dtype[name].base.newbyteorder("=")
+            typ = pa.string() if base.kind in "SU" else pa.from_numpy_dtype(base)
+            fields.append(pa.field(name, typ if dtype[name].shape == () else pa.list_(typ)))
+        return int(hdu.header["NAXIS2"]), pa.schema(fields)
+
+
+def read_fits(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
+    """The named scalar columns of a FITS table as Arrow (native byte order; masked/TNULL values -> null)."""
+    with _open_fits(fs, path) as hdul:
+        table = Table.read(_fits_table_hdu(hdul), mask_invalid=True)
+    arrays = {}
+    for name in columns:
+        col = table[name]
+        data = np.ma.getdata(col)
+        data = data.astype(data.dtype.newbyteorder("="), copy=False)
+        mask = np.ma.getmaskarray(col)
+        arrays[name] = pa.array(data, mask=mask if mask.any() else None)
+    return pa.table(arrays)
+
+
+def read_columns(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
+    """Columns of one catalogue file, Parquet or FITS by extension."""
+    if is_fits(path):
+        return read_fits(fs, path, columns)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 class ReadUnit:
@@ -121,6 +190,6 @@ class ReadUnit:
     def __call__(self, batch: pa.Table) -> pa.Table:
         parts = []
         for path in batch.column(self.unit_column).to_pylist():
-            table = pq.read_table(path, columns=self.columns, filesystem=self.filesystem)
+            table = read_columns(self.filesystem, path, self.columns)
             parts.append(table.append_column(self.unit_column, pa.array([path] * table.num_rows, pa.string())))
         return pa.concat_tables(parts)

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from engine.errors import CatalogError
-from engine.pipeline.read import Catalog, CatalogFile
+from engine.pipeline.read import Catalog, CatalogFile, read_columns
 from engine.pipeline.write import compare_ids
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def committed_units(uri: str, storage_options: dict | None = None) -> dict[str, 
 
 
 def read_unit_ids(catalog: Catalog, f: CatalogFile, id_column: str) -> np.ndarray:
-    col = pq.read_table(f.path, columns=[id_column], filesystem=catalog.filesystem).column(id_column)
+    col = read_columns(catalog.filesystem, f.path, [id_column]).column(id_column)
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise CatalogError(f"{f.path}: column {id_column!r} has {col.null_count} null id(s), first at row {row}")
@@ -96,7 +95,7 @@ def verify_unit(unit: UnitProgress, expected_ids: np.ndarray) -> str | None:
 def failure_reason(catalog: Catalog, f: CatalogFile) -> str:
     """Best explanation of why a unit did not complete: try to read it on the driver."""
     try:
-        pq.read_table(f.path, filesystem=catalog.filesystem)
-    except (OSError, pa.ArrowException) as exc:
+        read_columns(catalog.filesystem, f.path, f.schema.names)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         return f"unreadable: {exc}"
     return "rows were not all written (a read or processing task failed; see the job log)"

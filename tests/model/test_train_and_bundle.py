@@ -83,5 +83,5 @@ def test_model_dir_errors(tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_device_dtype("fp16", use_gpu=False)
     assert resolve_device_dtype("auto", use_gpu=False) == (torch.device("cpu"), None)
-    with pytest.raises(ConfigError, match="unknown modality 'mag_y'"):
-        TrainConfig(inputs=("mag_y",))
+    with pytest.raises(ConfigError, match="unknown modality 'mag_w1'"):
+        TrainConfig(inputs=("mag_w1",))

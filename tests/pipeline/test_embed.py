@@ -128,3 +128,20 @@ def test_bad_model_dir_and_precision(tmp_path, model_dir):
         run_embed(EmbedConfig(catalog=("x.parquet",), out=str(tmp_path / "o"), model_dir=str(tmp_path / "m")))
     with pytest.raises(ConfigError, match="--precision 'fp8' is not one of"):
         EmbedConfig(catalog=("x.parquet",), out="o", precision="fp8")
+
+
+def test_fits_and_parquet_inputs_in_one_job(ray_session, holdout_table, model_dir, tmp_path):
+    from astropy.table import Table
+
+    fits_part, pq_part = holdout_table.slice(0, 400), holdout_table.slice(400)
+    t = Table({c: fits_part[c].to_numpy() for c in fits_part.column_names})
+    t["mag_u"][3] = np.nan
+    t.write(tmp_path / "part-a.fits.gz")
+    pq.write_table(pq_part, tmp_path / "part-b.parquet")
+    out = str(tmp_path / "mixed.lance")
+    s = run_embed(EmbedConfig(catalog=(str(tmp_path),), out=out, model_dir=model_dir))
+    assert s["files"] == 2 and s["rows_out"] == holdout_table.num_rows
+    got = lance.dataset(out).to_table(columns=["object_id", "flags"])
+    assert np.array_equal(np.sort(got["object_id"].to_numpy()), np.sort(holdout_table["object_id"].to_numpy()))
+    flags = dict(zip(got["object_id"].to_numpy(), got["flags"].to_numpy()))
+    assert flags[fits_part["object_id"][3].as_py()] == 1 and s["rows_flagged"] == 1
