@@ -46,7 +46,7 @@ class EmbedConfig:
     model_threads: int = 1  # torch threads per CPU model actor
     model_cpus: float = 0.5  # Ray CPUs reserved per CPU model actor (Ray Data's file listing needs 1 free CPU)
     tokenizer_actors: int = 1
-    write_rows: int = 16384  # rows per writer call (fragments are cut per input file within it)
+    write_rows: int = 262144  # rows per writer call: one Lance fragment per input file within it (fewer, larger fragments)
     overwrite: bool = False
     resume: bool = False  # skip input files already committed to --out (from the table's own commit ledger)
     max_failed_fraction: float = 0.0  # fail the job when more input files than this fail
