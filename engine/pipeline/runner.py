@@ -23,9 +23,9 @@ from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.modalities import Z_PHOT_COLUMNS
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
-from engine.pipeline.stages import ID, NO_VALID_INPUT, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
-from engine.pipeline.units import (LEDGER_KEY, UnitProgress, check_file, committed_units, failure_reason,
-                                   read_unit_ids, verify_unit)
+from engine.pipeline.stages import ID, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
+from engine.pipeline.units import (LEDGER_KEY, UnitCounts, UnitProgress, check_file, committed_units,
+                                   failure_reason, read_unit_ids, verify_unit)
 from engine.pipeline.write import FragmentWriter, commit
 from engine.sample import DEFAULT_MODEL_DIR
 
@@ -46,7 +46,6 @@ class EmbedConfig:
     model_threads: int = 1  # torch threads per CPU model actor
     model_cpus: float = 0.5  # Ray CPUs reserved per CPU model actor (Ray Data's file listing needs 1 free CPU)
     tokenizer_actors: int = 1
-    write_rows: int = 262144  # rows per writer call: one Lance fragment per input file within it (fewer, larger fragments)
     overwrite: bool = False
     resume: bool = False  # skip input files already committed to --out (from the table's own commit ledger)
     max_failed_fraction: float = 0.0  # fail the job when more input files than this fail
@@ -58,7 +57,7 @@ class EmbedConfig:
             raise ConfigError("EmbedConfig.catalog is empty: give --catalog PATHS_OR_GLOB_OR_URI")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not one of {PRECISIONS}")
-        for name in ("batch_size", "model_actors", "tokenizer_actors", "write_rows", "model_threads"):
+        for name in ("batch_size", "model_actors", "tokenizer_actors", "model_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"EmbedConfig.{name}={getattr(self, name)}; expected >= 1")
         if self.model_cpus <= 0:
@@ -97,12 +96,12 @@ def _write_json(uri: str, payload: dict) -> None:
 class _Ledger:
     """Driver-side bookkeeping: units in flight, commits, failures, progress."""
 
-    def __init__(self, cfg: EmbedConfig, catalog, schema: pa.Schema, done: dict[str, int], t0: float) -> None:
+    def __init__(self, cfg: EmbedConfig, catalog, schema: pa.Schema, done: dict[str, UnitCounts], t0: float) -> None:
         self.cfg, self.catalog, self.schema, self.t0 = cfg, catalog, schema, t0
         self.files = {f.path: f for f in catalog.files}
         self.units = {p: UnitProgress(f) for p, f in self.files.items() if p not in done}
         self.ready: list[UnitProgress] = []
-        self.committed: dict[str, int] = {}
+        self.committed: dict[str, UnitCounts] = {}
         self.failed: dict[str, str] = {}
         self.ids: list[np.ndarray] = []
         self.table_exists = bool(done)
@@ -111,9 +110,11 @@ class _Ledger:
         self.rows_done = 0
 
     def add(self, result: pa.Table) -> None:
-        cols = [result.column(c).to_pylist() for c in ("unit", "fragments", "object_ids")]
-        for unit_path, frag_json, ids_bytes in zip(*cols):
+        cols = [result.column(c).to_pylist() for c in ("unit", "fragments", "object_ids", "flagged", "no_valid")]
+        for unit_path, frag_json, ids_bytes, flagged, no_valid in zip(*cols):
             unit = self.units[unit_path]
+            unit.flagged += flagged
+            unit.no_valid += no_valid
             unit.fragments.extend(json.loads(frag_json))
             unit.ids.append(np.frombuffer(ids_bytes, dtype=np.int64))
             unit.rows += len(unit.ids[-1])
@@ -145,11 +146,11 @@ class _Ledger:
         if not self.ready:
             return
         fragments = [f for u in self.ready for f in u.fragments]
-        message = {LEDGER_KEY: {u.file.path: u.file.num_rows for u in self.ready}}
+        message = {LEDGER_KEY: {u.file.path: list(u.counts) for u in self.ready}}
         commit(self.cfg.out, self.schema, fragments, message, create=not self.table_exists)
         self.table_exists = True
         for u in self.ready:
-            self.committed[u.file.path] = u.file.num_rows
+            self.committed[u.file.path] = u.counts
             u.fragments, u.ids = [], []
         self.ready = []
         self.last_commit = time.perf_counter()
@@ -232,7 +233,8 @@ def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> 
                                "threads": None if use_gpu else cfg.model_threads},
         batch_size=cfg.batch_size, batch_format="pyarrow", **res["model"],
     )
-    ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=cfg.write_rows, batch_format="pyarrow", **res["write"])
+    # Whole blocks (one input file each) per writer call: one fragment per file, and a file commits as soon as it is written.
+    ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=None, batch_format="pyarrow", **res["write"])
     for result in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         ledger.add(result)
 
@@ -261,15 +263,15 @@ def _check_failures(failed: dict[str, str], n_units: int, cfg: EmbedConfig, stag
 def _summary(cfg, bundle, catalog, ledger: _Ledger, failed, done, t0) -> dict:
     table = lance.dataset(cfg.out) if ledger.table_exists else None
     rows_out = table.count_rows() if table is not None else 0
-    expected_out = sum(done.values()) + sum(ledger.committed.values())
+    unit_counts = list(done.values()) + list(ledger.committed.values())
+    expected_out = sum(c.rows for c in unit_counts)
     if rows_out != expected_out:
         raise OutputMismatchError(f"{cfg.out}: table holds {rows_out} rows, the ledger of committed units says {expected_out}")
     ids = np.concatenate(ledger.ids) if ledger.ids else np.empty(0, np.int64)
-    uniq, counts = np.unique(ids, return_counts=True)
-    dups = uniq[counts > 1]
+    uniq, multiplicity = np.unique(ids, return_counts=True)
+    dups = uniq[multiplicity > 1]
     if len(dups):
         log.warning("%d object_id(s) occur more than once in the input (e.g. %s); each row is kept", len(dups), dups[:5].tolist())
-    flags = table.to_table(columns=["flags"]).column("flags").to_numpy() if table is not None else np.empty(0, np.int32)
     seconds = time.perf_counter() - t0
     rows_in = sum(f.num_rows for f in catalog.files if f.path not in failed)
     return {
@@ -279,7 +281,7 @@ def _summary(cfg, bundle, catalog, ledger: _Ledger, failed, done, t0) -> dict:
         "failed_units": [{"path": p, "reason": r} for p, r in failed.items()],
         "empty_files": [f.path for f in catalog.files if f.num_rows == 0],
         "rows_in": int(rows_in), "rows_out": int(rows_out), "ids_match": rows_out == rows_in,
-        "rows_flagged": int((flags != 0).sum()), "rows_without_valid_input": int(((flags & NO_VALID_INPUT) != 0).sum()),
+        "rows_flagged": sum(c.flagged for c in unit_counts), "rows_without_valid_input": sum(c.no_valid for c in unit_counts),
         "duplicate_ids": {"n": int(len(dups)), "examples": dups[:5].tolist()},
         "seconds": round(seconds, 2), "rows_per_second": round(ledger.rows_done / seconds, 1),
     }

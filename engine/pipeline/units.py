@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import lance
 import numpy as np
@@ -26,14 +27,26 @@ log = logging.getLogger(__name__)
 LEDGER_KEY = "engine_units"  # key of our commit message JSON
 
 
+class UnitCounts(NamedTuple):
+    rows: int
+    flagged: int = 0  # rows with any flag bit set
+    no_valid: int = 0  # rows with no valid input
+
+
 @dataclass
 class UnitProgress:
-    """Fragments and ids written so far for one input file."""
+    """Fragments, ids and flag counts written so far for one input file."""
 
     file: CatalogFile
     fragments: list[dict] = field(default_factory=list)
     ids: list[np.ndarray] = field(default_factory=list)
     rows: int = 0
+    flagged: int = 0
+    no_valid: int = 0
+
+    @property
+    def counts(self) -> UnitCounts:
+        return UnitCounts(self.rows, self.flagged, self.no_valid)
 
     @property
     def complete(self) -> bool:
@@ -51,13 +64,13 @@ def check_file(f: CatalogFile, required: dict[str, str]) -> str | None:
     return None
 
 
-def committed_units(uri: str, storage_options: dict | None = None) -> dict[str, int]:
-    """unit path -> rows, from the ledger messages in the table's transaction history."""
+def committed_units(uri: str, storage_options: dict | None = None) -> dict[str, UnitCounts]:
+    """unit path -> its counts, from the ledger messages in the table's transaction history."""
     try:
         ds = lance.dataset(uri, storage_options=storage_options)
     except (ValueError, OSError):
         return {}
-    done: dict[str, int] = {}
+    done: dict[str, UnitCounts] = {}
     for tr in ds.get_transactions():
         if tr is None:
             continue
@@ -68,10 +81,10 @@ def committed_units(uri: str, storage_options: dict | None = None) -> dict[str, 
             units = json.loads(msg).get(LEDGER_KEY, {})
         except (json.JSONDecodeError, AttributeError):
             continue
-        for path, rows in units.items():
+        for path, counts in units.items():
             if path in done:
                 raise CatalogError(f"{uri}: unit {path} appears in two commits; the table is inconsistent")
-            done[path] = int(rows)
+            done[path] = UnitCounts(*counts)
     return done
 
 

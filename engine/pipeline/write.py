@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import FragmentMetadata, write_fragments
 
-from engine.pipeline.stages import UNIT
+from engine.pipeline.stages import NO_VALID_INPUT, UNIT
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class FragmentWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         units = batch.column(UNIT).to_numpy(zero_copy_only=False)
-        out = {"unit": [], "fragments": [], "object_ids": [], "rows": []}
+        out: dict[str, list] = {"unit": [], "fragments": [], "object_ids": [], "rows": [], "flagged": [], "no_valid": []}
         for unit in np.unique(units):
             part = batch.filter(pa.array(units == unit)).select(self.schema.names).cast(self.schema)
             frags = write_fragments(part, self.uri, schema=self.schema, storage_options=self.storage_options)
@@ -38,6 +38,9 @@ class FragmentWriter:
             out["fragments"].append(json.dumps([f.to_json() for f in frags]))
             out["object_ids"].append(part.column("object_id").to_numpy().astype(np.int64).tobytes())
             out["rows"].append(part.num_rows)
+            flags = part.column("flags").to_numpy()
+            out["flagged"].append(int((flags != 0).sum()))
+            out["no_valid"].append(int(((flags & NO_VALID_INPUT) != 0).sum()))
         return pa.table(out)
 
 
