@@ -194,6 +194,9 @@ def run_embed(cfg: EmbedConfig) -> dict:
     }
     schema = output_schema(bundle, with_radec, metadata)
     done = committed_units(cfg.out) if (exists and cfg.resume) else {}
+    if exists and cfg.resume and not done and lance.dataset(cfg.out).count_rows():
+        raise ConfigError(f"--resume: {cfg.out} holds rows but no record of which input files they came from "
+                          "(not written by this engine's embed job); use --overwrite or another --out")
     if done:
         _check_resumable(cfg.out, schema, bundle)
         log.info("resuming %s: %d unit(s) already committed, skipped", cfg.out, len(done))
