@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -229,12 +230,12 @@ def main() -> None:
             t = time.perf_counter()
             result["rail_dc2"], curves["RAIL DC2 (validation file)"] = dc2(cfg_kwargs, Path(d))
             result["rail_dc2"]["seconds"] = round(time.perf_counter() - t, 1)
-    suffix = "_quick" if a.quick else ""
+    suffix = (f"_{a.only}" if a.only else "") + ("_quick" if a.quick else "")
     result["plots"] = plots(curves, suffix)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["torch_threads"] = torch.get_num_threads()
     RESULTS.mkdir(exist_ok=True)
-    name = f"bench_photoz{suffix}.json" if a.only is None else f"bench_photoz_{a.only}{suffix}.json"
+    name = f"bench_photoz{suffix}" + ("_" + re.sub(r"[^\w.]+", "", "_".join(a.set)) if a.set else "") + ".json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
