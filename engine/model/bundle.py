@@ -134,25 +134,41 @@ class ModelBundle:
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelBundle":
         d = Path(model_dir)
-        if not d.is_dir():
-            raise ModelError(f"model directory {d} does not exist")
-        missing = [f for f in (WEIGHTS, CONFIG, TOKENIZER) if not (d / f).is_file()]
-        if missing:
-            raise ModelError(
-                f"model directory {d} lacks {missing}; a model dir holds {WEIGHTS}, {CONFIG} and {TOKENIZER} "
-                f"(train one with `python jobs/train.py --catalog ... --out {d}`)"
-            )
-        raw = json.loads((d / CONFIG).read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"{d / CONFIG}: format_version={raw.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
-        cfg = ModelConfig.from_dict(raw.pop("model"))
-        raw.pop("format_version")
+        cfg, meta = _read_config(d, (WEIGHTS, CONFIG, TOKENIZER))
         model = MultimodalTransformer(cfg)
         try:
             model.load_state_dict(load_file(str(d / WEIGHTS)))
         except RuntimeError as exc:
             raise ModelError(f"{d / WEIGHTS} does not match the architecture in {d / CONFIG}: {exc}") from exc
-        return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=raw)
+        return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=meta)
+
+
+def _read_config(d: Path, required: tuple[str, ...]) -> tuple[ModelConfig, dict]:
+    """Check a model dir holds ``required`` files; its model config and the rest of config.json."""
+    if not d.is_dir():
+        raise ModelError(f"model directory {d} does not exist")
+    missing = [f for f in required if not (d / f).is_file()]
+    if missing:
+        raise ModelError(
+            f"model directory {d} lacks {missing}; a model dir holds {WEIGHTS}, {CONFIG} and {TOKENIZER} "
+            f"(train one with `python jobs/train.py --catalog ... --out {d}`)"
+        )
+    raw = json.loads((d / CONFIG).read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{d / CONFIG}: format_version={raw.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
+    cfg = ModelConfig.from_dict(raw.pop("model"))
+    raw.pop("format_version")
+    return cfg, raw
+
+
+def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, str]]:
+    """A model dir's tokenizer and its inputs (modality -> column, model order), without the weights."""
+    from engine.model.noop import NOOP
+    from engine.sample import DEFAULT_MODEL_DIR
+
+    d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
+    cfg, meta = _read_config(d, (CONFIG, TOKENIZER))
+    return ScalarTokenizer.load(d / TOKENIZER), {m: meta["inputs"][m] for m in cfg.input_modalities}
 
 
 def load_bundle(model_dir: str | Path):

@@ -40,10 +40,6 @@ class Catalog:
     filesystem: pafs.FileSystem
 
     @property
-    def paths(self) -> list[str]:
-        return [f.path for f in self.files]
-
-    @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 

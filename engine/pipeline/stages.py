@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import CatalogError
-from engine.model.bundle import load_bundle, resolve_device_dtype
+from engine.model.bundle import load_bundle, load_tokenizer, resolve_device_dtype
 from engine.modalities import Z_PHOT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,9 @@ class TokenizeStage:
     """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]) and ``flags``."""
 
     def __init__(self, model_dir: str, id_column: str = ID, columns: dict[str, str] | None = None) -> None:
-        bundle = load_bundle(model_dir)
-        self.tokenizer = bundle.tokenizer
-        self.modalities = bundle.config.input_modalities
-        self.tok_columns = [bundle.meta["inputs"][m] for m in self.modalities]  # tokenizer's own names
+        self.tokenizer, inputs = load_tokenizer(model_dir)  # no model weights in tokenizer actors
+        self.modalities = tuple(inputs)
+        self.tok_columns = list(inputs.values())  # tokenizer's own names
         self.cat_columns = [(columns or {}).get(m, c) for m, c in zip(self.modalities, self.tok_columns)]
         self.id_column = id_column
 
