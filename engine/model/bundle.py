@@ -2,6 +2,10 @@
 
 ``ModelBundle.load(dir)`` is what every stage calls once in its ``__init__``; ``predict``
 runs a batch of tokens through the model on the chosen device and precision.
+
+A model with multi-token modalities (``ModelConfig.token_modalities``) also keeps each one's
+tokenizer in ``tokenizers/<modality>/`` (its own save/load; the class comes from the modality
+registry, ``engine.modalities.registry``).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from engine.tokenizers.scalar import ScalarTokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+TOKEN_TOKENIZERS = "tokenizers"  # subdirectory: one saved tokenizer per multi-token modality
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -51,6 +56,7 @@ class ModelBundle:
     model: MultimodalTransformer
     tokenizer: ScalarTokenizer
     meta: dict  # model_id, version, inputs {modality: column}, temperature, training info
+    token_tokenizers: dict = field(default_factory=dict)  # multi-token modality -> its fitted tokenizer
 
     @property
     def config(self) -> ModelConfig:
@@ -129,6 +135,8 @@ class ModelBundle:
         config = {"format_version": FORMAT_VERSION, "model": self.config.to_dict(), **self.meta}
         (d / CONFIG).write_text(json.dumps(config, indent=2))
         self.tokenizer.save(d / TOKENIZER)
+        for name, tok in self.token_tokenizers.items():
+            tok.save(d / TOKEN_TOKENIZERS / name)
         return d
 
     @classmethod
@@ -140,7 +148,24 @@ class ModelBundle:
             model.load_state_dict(load_file(str(d / WEIGHTS)))
         except RuntimeError as exc:
             raise ModelError(f"{d / WEIGHTS} does not match the architecture in {d / CONFIG}: {exc}") from exc
-        return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=meta)
+        return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=meta,
+                   token_tokenizers=_load_token_tokenizers(d, cfg))
+
+
+def _load_token_tokenizers(d: Path, cfg: ModelConfig) -> dict:
+    """Each multi-token modality's tokenizer, by the class the modality registry names for it."""
+    from engine.modalities.registry import entry
+
+    out = {}
+    for name, (n_tokens, vocab_size) in cfg.token_sizes.items():
+        tok = entry(name).tokenizer_class().load(d / TOKEN_TOKENIZERS / name)
+        if (tok.config.n_tokens, tok.vocab_size) != (n_tokens, vocab_size):
+            raise ModelError(
+                f"{d / TOKEN_TOKENIZERS / name}: tokenizer gives {tok.config.n_tokens} tokens over {tok.vocab_size} ids; "
+                f"the model in {d / CONFIG} expects {n_tokens} over {vocab_size}"
+            )
+        out[name] = tok
+    return out
 
 
 def _read_config(d: Path, required: tuple[str, ...]) -> tuple[ModelConfig, dict]:
