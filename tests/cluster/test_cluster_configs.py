@@ -303,7 +303,7 @@ def test_readme_runtime_envs_are_valid():
 def test_stage_resources_gpu_only_for_the_model():
     res = embed_stage_resources(EmbedConfig(catalog=("x",), out="o", num_gpus=0.5, model_actors=4, tokenizer_actors=3))
     assert {s: r["num_gpus"] for s, r in res.items()} == {"read": 0.0, "tokenize": 0.0, "model": 0.5, "write": 0.0}
-    assert {s: r["num_cpus"] for s, r in res.items()} == {"read": 0.5, "tokenize": 0.25, "model": 1.0, "write": 0.25}
+    assert {s: r["num_cpus"] for s, r in res.items()} == {"read": 0.5, "tokenize": 0.25, "model": 1.0, "write": 0.5}
     assert res["model"]["compute"] == ray.data.ActorPoolStrategy(size=4)
     assert res["tokenize"]["compute"] == ray.data.ActorPoolStrategy(size=3)
     assert res["read"]["compute"] == res["write"]["compute"] == ray.data.TaskPoolStrategy()

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.errors import CatalogError, CodecError, ConfigError
-from engine.tokenizers.scalar import Reservoir, ScalarTokenizer, ScalarTokenizerConfig
+from engine.tokenizers.scalar import BinLookup, Reservoir, ScalarTokenizer, ScalarTokenizerConfig
 
 MAGS = tuple(f"mag_{b}" for b in "ugriz")
 
@@ -129,3 +129,21 @@ def test_errors_name_what_is_wrong(sample_table, tmp_path):
         ScalarTokenizer.load(bad)
     with pytest.raises(CodecError, match="no valid values"):
         ScalarTokenizer(ScalarTokenizerConfig(columns=("x",), n_bins=4)).fit([pa.table({"x": [np.nan] * 10})])
+
+
+@pytest.mark.parametrize("kind", ["quantile_sample", "duplicated_edges", "linear", "single_edge"])
+def test_bin_lookup_equals_searchsorted_everywhere(kind):
+    rng = np.random.default_rng(3)
+    inner = {
+        "quantile_sample": np.quantile(rng.normal(20, 2, 3000), np.linspace(0, 1, 1025)[1:-1]),
+        "duplicated_edges": np.sort(np.concatenate([np.full(50, 18.0), rng.uniform(15, 25, 300), np.full(7, 25.0)])),
+        "linear": np.linspace(-3.0, 7.0, 1023),
+        "single_edge": np.array([1.5]),
+    }[kind]
+    x = np.concatenate([
+        rng.normal(inner.mean(), 3 * (inner.std() + 1), 20000),  # beyond both ends too
+        inner, np.nextafter(inner, -np.inf), np.nextafter(inner, np.inf),  # on and next to every edge
+        [-1e30, 1e30, 0.0],
+    ])
+    got = BinLookup(inner, cells=257)(x)
+    assert np.array_equal(got, np.searchsorted(inner, x, side="right"))

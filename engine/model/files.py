@@ -1,0 +1,46 @@
+"""What a model directory holds and how to read its config and tokenizer without torch.
+
+Tokenizer actors and the job's driver-side checks read a model dir through here, so they never
+import torch or load weights; ``engine.model.bundle`` adds the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.errors import ModelError
+from engine.model.config import ModelConfig
+from engine.tokenizers.scalar import ScalarTokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+TOKEN_TOKENIZERS = "tokenizers"  # subdirectory: one saved tokenizer per multi-token modality
+
+
+def read_config(d: Path, required: tuple[str, ...]) -> tuple[ModelConfig, dict]:
+    """Check a model dir holds ``required`` files; its model config and the rest of config.json."""
+    if not d.is_dir():
+        raise ModelError(f"model directory {d} does not exist")
+    missing = [f for f in required if not (d / f).is_file()]
+    if missing:
+        raise ModelError(
+            f"model directory {d} lacks {missing}; a model dir holds {WEIGHTS}, {CONFIG} and {TOKENIZER} "
+            f"(train one with `python jobs/train.py --catalog ... --out {d}`)"
+        )
+    raw = json.loads((d / CONFIG).read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{d / CONFIG}: format_version={raw.get('format_version')!r}, this engine reads {FORMAT_VERSION}")
+    cfg = ModelConfig.from_dict(raw.pop("model"))
+    raw.pop("format_version")
+    return cfg, raw
+
+
+def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, str]]:
+    """A model dir's tokenizer and its inputs (modality -> column, model order), without the weights."""
+    from engine.model.noop import NOOP
+    from engine.sample import DEFAULT_MODEL_DIR
+
+    d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
+    cfg, meta = read_config(d, (CONFIG, TOKENIZER))
+    return ScalarTokenizer.load(d / TOKENIZER), {m: meta["inputs"][m] for m in cfg.input_modalities}
