@@ -3,7 +3,7 @@
     python benchmarks/bench_tokenizers.py [--seed 0] [--quick]
 
 Prints one JSON document (one entry per tokenizer kind) and writes
-benchmarks/results/bench_tokenizers.json. Each kind lives in its own module with a
+benchmarks/results/bench_tokenizers.json; kinds not run keep their previous entry there. Each kind lives in its own module with a
 ``run(seed: int, quick: bool) -> dict``.
 """
 
@@ -26,11 +26,14 @@ def main() -> None:
     p.add_argument("--kinds", nargs="*", default=list(KINDS))
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
-    result = {"seed": a.seed, "quick": a.quick}
+    result = {}
     for kind in a.kinds:
-        result[kind] = importlib.import_module(KINDS[kind]).run(seed=a.seed, quick=a.quick)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "bench_tokenizers.json").write_text(json.dumps(result, indent=2))
+        result[kind] = {"seed": a.seed, "quick": a.quick, **importlib.import_module(KINDS[kind]).run(seed=a.seed, quick=a.quick)}
+    out = HERE / "results" / "bench_tokenizers.json"
+    out.parent.mkdir(exist_ok=True)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous = {k: v for k, v in previous.items() if k in KINDS}  # drop the old top-level seed/quick keys
+    out.write_text(json.dumps({**previous, **result}, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -7,9 +7,13 @@ Metrics are on linear flux at the common pixel scale, against the preprocessed i
   * rel. flux error in a central aperture of radius 0.5" (median |dF|/F over stamps with aperture S/N > 20),
   * per-pixel RMS in units of the sky sigma (sky sigma from the original image resampled the same way),
     over the whole stamp and within 1.5" of the centre.
-Baselines with the same budget (g*g tokens of log2(vocab) bits): (a) block average to g*g pixels, each
-arcsinh value quantized to vocab levels, upsampled (nearest or bilinear, chosen on the fit set);
-(b) PCA with g*g components fitted on the fit set, each coefficient quantized to vocab levels.
+Budget: the learned tokenizer emits 1 flux-scale token + g*g content tokens of ``content_vocab`` values.
+Every baseline gets the same: the same quantised scale token (it may use it or not) + g*g values, each
+uniformly quantized to ``content_vocab`` levels over its range on the fit set:
+  (a) block average to g*g pixels, upsampled (nearest or bilinear, chosen on the fit set);
+  (b) PCA with g*g components fitted on the fit set;
+each in two representations: "stretch" asinh(flux / survey softening) (the scale token unused) and
+"scaled" asinh(flux / quantised scale). The learned tokenizer must beat every one of the four.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from astropy.stats import sigma_clipped_stats
 
 from engine.modalities.images import Image
 from engine.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, Prepared, inverse_stretch, resample
-from engine.tokenizers.stamps import StampConfig, cut_stamps, read_field
+from engine.tokenizers.stamps import read_field, stamp_images
 
 DATA = Path("/work/shared/data/mpdaf")
 FIELDS = {  # name: (file, hdu, band)
@@ -33,14 +37,15 @@ FIELDS = {  # name: (file, hdu, band)
     "hst_hdfs": ("HST-HDFS.fits", 1, "HST-F606W"),
 }
 SPLIT_FRAC = 0.55
+STEPS_QUICK, STEPS_FULL = 600, 2000
+WIN_METRICS = ("aperture_rel_flux_err_median", "rms_per_pixel_sigma", "rms_core_sigma")
 APERTURE_ARCSEC, CORE_ARCSEC, MIN_APERTURE_SNR = 0.5, 1.5, 20.0
 
 
 def _field_stamps(name: str, cfg: ImageTokenizerConfig):
     file, hdu, band = FIELDS[name]
     field = read_field(DATA / file, hdu)
-    size = int(np.ceil(cfg.crop_size * cfg.pixel_scale_arcsec / field.pixel_scale_arcsec)) + 2
-    stamps = cut_stamps(field, StampConfig(size_pix=size + size % 2))
+    stamps, images = stamp_images(field, (band,), cfg.crop_size, cfg.pixel_scale_arcsec)
     # sky sigma per output pixel: resample a source-poor-agnostic central patch of the original image
     h, w = field.data.shape
     n = min(h, w, int(25.0 / field.pixel_scale_arcsec))  # up to 25" on a side
@@ -48,7 +53,6 @@ def _field_stamps(name: str, cfg: ImageTokenizerConfig):
     out = int(n * field.pixel_scale_arcsec / cfg.pixel_scale_arcsec) - 2
     res, ok = resample(patch[None, None], np.isfinite(patch)[None, None], field.pixel_scale_arcsec, cfg.pixel_scale_arcsec, out)
     sky_sigma = float(sigma_clipped_stats(res[ok], sigma=3.0, maxiters=10)[2])
-    images = [Image(p[None].astype(np.float64), (band,), stamps.pixel_scale_arcsec) for p in stamps.pixels]
     return stamps, images, sky_sigma
 
 
@@ -71,65 +75,102 @@ def _metrics(rec: np.ndarray, prep: Prepared, sky_sigma: float, pixel_scale: flo
     }
 
 
+def _stretch(prep: Prepared, flux: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Baseline representation "stretch": asinh(flux / survey softening); ignores the scale token."""
+    s = prep.scale[:, :, None, None]
+    return inverse_stretch(flux, s) if inverse else np.arcsinh(flux / s)
+
+
+def _scaled(prep: Prepared, flux: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Baseline representation "scaled": asinh(flux / norm), norm = the quantised scale token (shared)."""
+    s = prep.norm[:, :, None, None]
+    return inverse_stretch(flux, s) if inverse else np.arcsinh(flux / s)
+
+
+REPRESENTATIONS = {"stretch": _stretch, "scaled": _scaled}
+
+
+def _uniform(z: np.ndarray, lo, hi, levels: int) -> np.ndarray:
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return lo + np.round((np.clip(z, lo, hi) - lo) / span * (levels - 1)) / (levels - 1) * span
+
+
 class BlockBaseline:
-    def __init__(self, grid: int, levels: int, mode: str = "nearest") -> None:
-        self.grid, self.levels, self.mode = grid, levels, mode
+    """g*g block means, each transformed value uniformly quantized to ``levels`` over the fit range, upsampled."""
+
+    def __init__(self, grid: int, levels: int, rep: str, mode: str = "nearest") -> None:
+        self.grid, self.levels, self.rep, self.mode = grid, levels, rep, mode
+
+    def _blocks(self, prep: Prepared) -> np.ndarray:
+        pooled = F.adaptive_avg_pool2d(torch.from_numpy(prep.flux), self.grid).numpy()
+        return REPRESENTATIONS[self.rep](prep, pooled)
 
     def fit(self, prep: Prepared) -> "BlockBaseline":
         z = self._blocks(prep)
         self.lo, self.hi = float(z.min()), float(z.max())
         return self
 
-    def _blocks(self, prep: Prepared) -> np.ndarray:
-        f = torch.from_numpy(prep.flux)
-        return np.arcsinh(F.adaptive_avg_pool2d(f, self.grid).numpy() / prep.scale[:, :, None, None])
-
     def reconstruct(self, prep: Prepared) -> np.ndarray:
-        z = np.clip(self._blocks(prep), self.lo, self.hi)
-        q = np.round((z - self.lo) / (self.hi - self.lo) * (self.levels - 1))
-        blocks = inverse_stretch(self.lo + q / (self.levels - 1) * (self.hi - self.lo), prep.scale[:, :, None, None])
+        blocks = REPRESENTATIONS[self.rep](prep, _uniform(self._blocks(prep), self.lo, self.hi, self.levels), inverse=True)
         up = F.interpolate(torch.from_numpy(blocks), size=prep.flux.shape[-1], mode=self.mode,
                            **({} if self.mode == "nearest" else {"align_corners": False}))
         return up.numpy()
 
 
 class PCABaseline:
-    def __init__(self, n_comp: int, levels: int) -> None:
-        self.n_comp, self.levels = n_comp, levels
+    """n_comp principal components of the transformed stamps, each coefficient quantized to ``levels``."""
+
+    def __init__(self, n_comp: int, levels: int, rep: str) -> None:
+        self.n_comp, self.levels, self.rep = n_comp, levels, rep
+
+    def _z(self, prep: Prepared) -> np.ndarray:
+        return np.where(prep.valid, REPRESENTATIONS[self.rep](prep, prep.flux), 0.0).reshape(len(prep.flux), -1)
 
     def fit(self, prep: Prepared) -> "PCABaseline":
-        x = prep.x.reshape(len(prep.x), -1).astype(np.float64)
-        self.mean = x.mean(0)
-        _, _, vt = np.linalg.svd(x - self.mean, full_matrices=False)
+        z = self._z(prep)
+        self.mean = z.mean(0)
+        _, _, vt = np.linalg.svd(z - self.mean, full_matrices=False)
         self.comp = vt[: self.n_comp]
-        c = (x - self.mean) @ self.comp.T
+        c = (z - self.mean) @ self.comp.T
         self.lo, self.hi = c.min(0), c.max(0)
         return self
 
     def reconstruct(self, prep: Prepared) -> np.ndarray:
-        x = prep.x.reshape(len(prep.x), -1).astype(np.float64)
-        c = np.clip((x - self.mean) @ self.comp.T, self.lo, self.hi)
-        span = np.where(self.hi > self.lo, self.hi - self.lo, 1.0)
-        c = self.lo + np.round((c - self.lo) / span * (self.levels - 1)) / (self.levels - 1) * span
-        z = (c @ self.comp + self.mean).reshape(prep.x.shape)
-        return inverse_stretch(z, prep.scale[:, :, None, None])
+        c = _uniform((self._z(prep) - self.mean) @ self.comp.T, self.lo, self.hi, self.levels)
+        z = (c @ self.comp + self.mean).reshape(prep.flux.shape)
+        return REPRESENTATIONS[self.rep](prep, z, inverse=True)
 
 
-def _throughput(tok: ImageTokenizer, prep: Prepared, n: int) -> dict:
+def _baselines(fit_prep: Prepared, grid: int, levels: int) -> tuple[dict, dict]:
+    """Every baseline x representation, fitted on the fit stamps; block upsampling chosen on the fit set."""
+    out, modes = {}, {}
+    for rep in REPRESENTATIONS:
+        blocks = {m: BlockBaseline(grid, levels, rep, m).fit(fit_prep) for m in ("nearest", "bilinear")}
+        rms = {m: float(np.sqrt((((b.reconstruct(fit_prep) - fit_prep.flux) ** 2)[fit_prep.valid]).mean())) for m, b in blocks.items()}
+        modes[rep] = min(rms, key=rms.get)
+        out[f"block_{rep}"] = blocks[modes[rep]]
+        out[f"pca_{rep}"] = PCABaseline(grid * grid, levels, rep).fit(fit_prep)
+    return out, modes
+
+
+def _throughput(tok: ImageTokenizer, images: list[Image], n: int) -> dict:
+    """One torch thread: encode from native cutouts (resample + normalise + net) and decode to flux."""
     torch.set_num_threads(1)
-    sub = Prepared(prep.x[:n], prep.valid[:n], prep.flux[:n], prep.scale[:n])
-    tok.encode_prepared(sub)  # warm-up
+    sub = images[:n]
+    tok.encode(sub[:16])  # warm-up
     t0 = time.perf_counter()
-    tokens = tok.encode_prepared(sub)
+    tokens = tok.encode(sub)
     t1 = time.perf_counter()
-    tok.decode_stretched(tokens)
+    tok.decode(tokens, tok.config.surveys[-1])
     t2 = time.perf_counter()
-    return {"encode_stamps_per_s_1thread": n / (t1 - t0), "decode_stamps_per_s_1thread": n / (t2 - t1), "n_stamps": n}
+    torch.set_num_threads(tok.config.n_threads)
+    return {"encode_stamps_per_s_1thread": n / (t1 - t0), "decode_stamps_per_s_1thread": n / (t2 - t1), "n_stamps": n,
+            "stamp_pixels": tok.config.crop_size}
 
 
 def run(seed: int, quick: bool) -> dict:
     t_start = time.perf_counter()
-    cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=150 if quick else 450, seed=seed)
+    cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=STEPS_QUICK if quick else STEPS_FULL, seed=seed)
     cfht_stamps, cfht_images, cfht_sigma = _field_stamps("cfht_a370", cfg)
     _, a478_images, _ = _field_stamps("hst_a478", cfg)
     _, hdfs_images, hdfs_sigma = _field_stamps("hst_hdfs", cfg)
@@ -139,42 +180,39 @@ def run(seed: int, quick: bool) -> dict:
     held = cfht_stamps.x_pix > SPLIT_FRAC * width + 2 * half  # no pixel shared with any fit stamp
     fit_images = [im for im, k in zip(cfht_images, in_fit) if k] + a478_images
     held_sets = {
-        "cfht_a370_disjoint_region": ([im for im, k in zip(cfht_images, held) if k], cfht_sigma),
-        "hst_hdfs_other_field": (hdfs_images, hdfs_sigma),
+        "cfht_a370_disjoint_region": ([im for im, k in zip(cfht_images, held) if k], cfht_sigma, "cfht_i"),
+        "hst_hdfs_other_field": (hdfs_images, hdfs_sigma, "hst_f606w"),
     }
     tok = ImageTokenizer(cfg)
     t0 = time.perf_counter()
     tok.fit(fit_images)
     fit_s = time.perf_counter() - t0
     fit_prep = tok.preprocess(fit_images)
-    grid, vocab = tok.token_grid, tok.vocab_size
-    # the block baseline's upsampling mode is chosen on the fit set (never on held-out stamps)
-    modes = {m: BlockBaseline(grid, vocab, m).fit(fit_prep) for m in ("nearest", "bilinear")}
-    fit_rms = {m: float(np.sqrt((((b.reconstruct(fit_prep) - fit_prep.flux) ** 2)[fit_prep.valid]).mean())) for m, b in modes.items()}
-    block = modes[min(fit_rms, key=fit_rms.get)]
-    pca = PCABaseline(grid * grid, vocab).fit(fit_prep)
+    grid, levels = tok.token_grid, tok.content_vocab_size
+    baselines, modes = _baselines(fit_prep, grid, levels)
     result = {
         "config": {"crop_size": cfg.crop_size, "pixel_scale_arcsec": cfg.pixel_scale_arcsec, "levels": list(cfg.levels),
-                   "tokens_per_stamp": grid * grid, "vocab_size": vocab, "steps": cfg.steps, "train_crop": cfg.train_crop},
+                   "n_tokens_per_stamp": cfg.n_tokens, "content_vocab": levels, "n_scale_bins": cfg.n_scale_bins,
+                   "steps": cfg.steps, "train_crop": cfg.train_crop, "rel_floor": cfg.rel_floor,
+                   "aperture_weight": cfg.aperture_weight},
+        "budget": f"every method: 1 shared scale token ({cfg.n_scale_bins} bins) + {grid * grid} values of {levels} levels",
         "n_fit_stamps": len(fit_images),
         "fit_seconds": fit_s,
-        "block_baseline_upsampling": block.mode,
+        "block_baseline_upsampling": modes,
         "held_out": {},
     }
-    for name, (images, sigma) in held_sets.items():
+    for name, (images, sigma, survey) in held_sets.items():
         prep = tok.preprocess(images)
         tokens = tok.encode_prepared(prep)
-        survey = "cfht_i" if name.startswith("cfht") else "hst_f606w"
-        rec = tok.decode(tokens, survey)
-        result["held_out"][name] = {
-            "n_stamps": len(images),
-            "sky_sigma_per_output_pixel": sigma,
-            "distinct_tokens_used": int(len(np.unique(tokens))),
-            "learned": _metrics(rec, prep, sigma, cfg.pixel_scale_arcsec),
-            "baseline_block": _metrics(block.reconstruct(prep), prep, sigma, cfg.pixel_scale_arcsec),
-            "baseline_pca": _metrics(pca.reconstruct(prep), prep, sigma, cfg.pixel_scale_arcsec),
-        }
-    result["throughput"] = _throughput(tok, fit_prep, min(256, len(fit_images)))
+        row = {"n_stamps": len(images), "sky_sigma_per_output_pixel": sigma,
+               "distinct_content_tokens_used": int(len(np.unique(tokens[:, 1:]))),
+               "learned": _metrics(tok.decode(tokens, survey), prep, sigma, cfg.pixel_scale_arcsec)}
+        for bname, b in baselines.items():
+            row[f"baseline_{bname}"] = _metrics(b.reconstruct(prep), prep, sigma, cfg.pixel_scale_arcsec)
+        row["learned_beats_every_baseline"] = {
+            m: all(row["learned"][m] < row[f"baseline_{b}"][m] for b in baselines) for m in WIN_METRICS}
+        result["held_out"][name] = row
+    result["throughput"] = _throughput(tok, fit_images, min(256, len(fit_images)))
     result["total_seconds"] = time.perf_counter() - t_start
     return result
 

@@ -1,8 +1,11 @@
-"""Fit a tokenizer and save it: python jobs/train_tokenizer.py --kind spectrum|scalar --input FILES --out PATH
+"""Fit a tokenizer and save it: python jobs/train_tokenizer.py --kind spectrum|scalar|image --input FILES --out PATH
 
 spectrum: --input takes MaNGA-DAP style FITS (HDUs WAVE/FLUX/IVAR/MASK/Z) or MILES FITS (--format miles);
           --survey picks the registered modality whose config is the starting point.
 scalar:   --input takes Parquet catalogues; --columns names the columns (default: the scalar table).
+image:    --input takes single-band FITS fields of survey --survey (e.g. cfht_i); stamps are cut around the
+          detected sources (engine.tokenizers.stamps) and the registered tok_image_<survey> codec is trained;
+          --hdu picks the image HDU (default: the first 2-D one), --steps the training steps.
 The resolved config is written next to the output as config.json.
 """
 
@@ -42,13 +45,21 @@ def _scalar(a: argparse.Namespace, paths: list[str]):
 
 
 def _image(a: argparse.Namespace, paths: list[str]):
-    """Placeholder: the image work replaces this body (read cutouts from ``paths``, fit, save to a.out)."""
-    try:
-        from engine.tokenizers import image
-    except ImportError as exc:
-        raise SystemExit(f"--kind image is not available yet: engine.tokenizers.image does not import ({exc})") from exc
-    raise SystemExit(f"--kind image is not wired yet: {image.__name__} imports, but jobs/train_tokenizer.py:_image "
-                     "has no cutout reader; add it there")
+    from engine.modalities.images import survey_spec
+    from engine.modalities.registry import entry
+    from engine.tokenizers.stamps import first_image_hdu, read_field, stamp_images
+
+    overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None}
+    tok = entry(f"tok_image_{a.survey}").build(**overrides)
+    cfg, bands = tok.config, survey_spec(a.survey).bands
+    images = []
+    for path in paths:
+        field = read_field(path, first_image_hdu(path) if a.hdu is None else a.hdu)
+        stamps = stamp_images(field, bands, cfg.crop_size, cfg.pixel_scale_arcsec)[1]
+        images += stamps
+        logging.getLogger("train_tokenizer").info("%s: %d stamps (%d in all)", path, len(stamps), len(images))
+    tok.fit(images).save(a.out)
+    return cfg
 
 
 KINDS = {"spectrum": _spectrum, "scalar": _scalar, "image": _image}
@@ -59,12 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind", choices=sorted(KINDS), required=True)
     p.add_argument("--input", nargs="+", required=True, help="files or globs")
     p.add_argument("--out", required=True, help="directory to write the tokenizer into")
-    p.add_argument("--survey", default="manga", help="spectrum: registered survey (tok_spec_<survey>)")
+    p.add_argument("--survey", default="manga", help="spectrum/image: registered survey (tok_spec_<survey>, tok_image_<survey>)")
     p.add_argument("--format", choices=("manga", "miles"), default="manga", help="spectrum: input file layout")
     p.add_argument("--codebook-size", type=int)
     p.add_argument("--patch-length", type=int)
     p.add_argument("--columns", nargs="*", help="scalar: catalogue columns")
     p.add_argument("--seed", type=int)
+    p.add_argument("--hdu", type=int, help="image: FITS HDU of the image plane (default: first 2-D HDU)")
+    p.add_argument("--steps", type=int, help="image: training steps")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})

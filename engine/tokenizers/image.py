@@ -1,12 +1,23 @@
-"""ImageTokenizer: survey images -> (N, h, w) FSQ tokens -> images, with a small conv autoencoder.
+"""ImageTokenizer: survey images -> one flux-scale token + (g, g) FSQ tokens -> images (small conv autoencoder).
 
 Preprocessing (per survey, from :mod:`engine.modalities.images`):
   1. flux-conserving area-overlap resampling to the common ``pixel_scale_arcsec``, on a
      ``crop_size`` grid centred on the image centre pixel (H // 2, W // 2): resampling and centre crop
      in one step; output pixels less than half covered by valid input are masked;
-  2. arcsinh stretch ``x = asinh(flux / s)`` with the survey's per-band softening ``s`` rescaled to
-     the output pixel area; masked pixels are set to 0, so their values never reach the tokens.
-Decoding undoes the stretch: it returns flux per output pixel in the survey's native unit.
+  2. flux scale: the mean flux per pixel within ``scale_aperture_arcsec`` of the centre, in units of the
+     survey's per-band softening ``s`` (~ sky sigma, rescaled to the output pixel area), averaged over
+     bands and floored at 1; its log10 is binned into ``n_scale_bins`` fixed bins (the scale token) and
+     the stamp is normalised by the *quantised* scale ``norm = bin_centre * s``;
+  3. network input: the normalised flux ``flux / norm`` (clipped) and the stretch ``asinh(flux / s)``,
+     one channel each per band; masked pixels are 0, so their values never reach the tokens.
+The autoencoder is trained in the units the flux is judged in: squared error of the normalised flux
+weighted by ``norm^2 / (s^2 + (rel_floor * norm)^2)`` (sky-noise units, saturating at a relative
+precision ``rel_floor`` for bright stamps) plus ``aperture_weight`` x the squared relative error of
+the flux in the central aperture. Decoding multiplies by the quantised scale: it returns flux per
+output pixel in the survey's native unit.
+
+Token layout per stamp (``n_tokens = 1 + g * g``): ``[scale, content row-major]``; content tokens are
+``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + bin``).
 """
 
 from __future__ import annotations
@@ -28,7 +39,9 @@ from engine.modalities.images import Image, SurveySpec, survey_for, survey_spec
 from engine.tokenizers.quantizers import FSQ
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LOG_EVERY = 100
+STRETCH_UNIT = 5.0  # the stretch input channel is asinh(flux / s) / STRETCH_UNIT, ~O(1) for bright sources
 CONFIG_FILE, WEIGHTS_FILE = "image_tokenizer.json", "image_tokenizer.safetensors"
 
 
@@ -38,6 +51,12 @@ class ImageTokenizerConfig:
     crop_size: int = 96
     pixel_scale_arcsec: float = 0.1
     levels: tuple[int, ...] = (8, 5, 5, 5)
+    n_scale_bins: int = 1024
+    scale_range_dex: tuple[float, float] = (0.0, 7.0)  # log10(flux scale / softening) covered by the scale bins
+    scale_aperture_arcsec: float = 0.5
+    rel_floor: float = 0.05  # the loss judges bright stamps at this relative precision, faint ones in sky sigma
+    aperture_weight: float = 1.0
+    max_input: float = 8.0  # the normalised-flux input channel is clipped to +-max_input
     n_down: int = 3  # latent grid = crop_size / 2**n_down
     width: int = 16  # channels after the first downsampling; doubles per level up to 4x
     steps: int = 600
@@ -50,6 +69,7 @@ class ImageTokenizerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "surveys", tuple(self.surveys))
         object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+        object.__setattr__(self, "scale_range_dex", tuple(float(v) for v in self.scale_range_dex))
         if not self.surveys:
             raise ConfigError("ImageTokenizerConfig.surveys is empty; name at least one survey")
         specs = [survey_spec(s) for s in self.surveys]  # raises ConfigError on unknown names
@@ -69,6 +89,14 @@ class ImageTokenizerConfig:
             "steps": (self.steps >= 0, ">= 0"),
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "lr": (self.lr > 0, "> 0"),
+            "n_scale_bins": (2 <= self.n_scale_bins <= 65536, "2..65536"),
+            "scale_range_dex": (len(self.scale_range_dex) == 2 and self.scale_range_dex[0] < self.scale_range_dex[1],
+                                "(lo, hi) with lo < hi"),
+            "scale_aperture_arcsec": (self.pixel_scale_arcsec <= self.scale_aperture_arcsec
+                                      <= self.crop_size * self.pixel_scale_arcsec / 2, "within the crop, >= 1 pixel"),
+            "rel_floor": (self.rel_floor > 0, "> 0"),
+            "aperture_weight": (self.aperture_weight >= 0, ">= 0"),
+            "max_input": (self.max_input > 0, "> 0"),
             "n_threads": (self.n_threads >= 1, ">= 1"),
         }
         for name, (ok, allowed) in checks.items():
@@ -85,6 +113,20 @@ class ImageTokenizerConfig:
     @property
     def n_bands(self) -> int:
         return survey_spec(self.surveys[0]).n_bands
+
+    @property
+    def token_grid(self) -> int:
+        return self.crop_size // 2**self.n_down
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per stamp: one flux-scale token plus the (g, g) content grid."""
+        return 1 + self.token_grid**2
+
+    def aperture(self) -> np.ndarray:
+        """(S, S) bool, pixels within ``scale_aperture_arcsec`` of the centre pixel (S // 2, S // 2)."""
+        yy, xx = np.mgrid[: self.crop_size, : self.crop_size] - self.crop_size // 2
+        return np.hypot(yy, xx) * self.pixel_scale_arcsec <= self.scale_aperture_arcsec
 
 
 # ---- preprocessing ------------------------------------------------------------------------------
@@ -123,10 +165,32 @@ def resample(flux: np.ndarray, valid: np.ndarray, scale_in: float, scale_out: fl
 
 @dataclass(frozen=True)
 class Prepared:
-    x: np.ndarray  # (N, C, S, S) float32 stretched, 0 where invalid
+    x: np.ndarray  # (N, 2C, S, S) float32 network input: normalised flux, then stretch; 0 where invalid
     valid: np.ndarray  # (N, C, S, S) bool
     flux: np.ndarray  # (N, C, S, S) linear flux per output pixel, 0 where invalid
     scale: np.ndarray  # (N, C) stretch softening at the output pixel scale
+    scale_bin: np.ndarray  # (N,) int64 flux-scale bin, 0 .. n_scale_bins - 1
+    norm: np.ndarray  # (N, C) quantised flux scale per band: flux / norm is what the content tokens encode
+
+    @property
+    def target(self) -> np.ndarray:
+        """(N, C, S, S) normalised flux, 0 where invalid."""
+        return self.flux / self.norm[:, :, None, None]
+
+
+def scale_bin_centres(cfg: ImageTokenizerConfig) -> np.ndarray:
+    """(n_scale_bins,) flux scale in softening units at each bin centre."""
+    lo, hi = cfg.scale_range_dex
+    return 10.0 ** (lo + (np.arange(cfg.n_scale_bins) + 0.5) * (hi - lo) / cfg.n_scale_bins)
+
+
+def flux_scale_bins(flux: np.ndarray, valid: np.ndarray, soft: np.ndarray, cfg: ImageTokenizerConfig) -> np.ndarray:
+    """(N, C, S, S) flux, (N, C) softening -> (N,) bin of log10(mean aperture flux / softening), floored at 1."""
+    ap = cfg.aperture()
+    per_band = np.where(valid, flux, 0.0)[:, :, ap].sum(-1) / ap.sum() / soft  # (N, C) softening units
+    log_u = np.log10(np.maximum(per_band.mean(1), 1.0))
+    lo, hi = cfg.scale_range_dex
+    return np.clip(np.floor((log_u - lo) / (hi - lo) * cfg.n_scale_bins), 0, cfg.n_scale_bins - 1).astype(np.int64)
 
 
 def stretch_scale(spec: SurveySpec, pixel_scale_arcsec: float) -> np.ndarray:
@@ -151,10 +215,10 @@ class ImageAutoencoder(nn.Module):
     tens of MFLOPs: fast enough to train and run on one CPU core.
     """
 
-    def __init__(self, n_bands: int, width: int, n_down: int, levels: tuple[int, ...]) -> None:
+    def __init__(self, n_bands: int, width: int, n_down: int, levels: tuple[int, ...], n_in: int | None = None) -> None:
         super().__init__()
         widths = [min(width * 2**i, 4 * width) for i in range(n_down)]  # after each downsampling
-        ins = [n_bands] + widths[:-1]
+        ins = [n_in or n_bands] + widths[:-1]
         self.down = nn.Sequential(*(
             nn.Sequential(nn.Conv2d(ins[i], widths[i], 4, stride=2, padding=1), nn.GELU()) for i in range(n_down)
         ))
@@ -170,13 +234,13 @@ class ImageAutoencoder(nn.Module):
         self.head = nn.Conv2d(widths[0], n_bands, 3, padding=1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.mid_enc(self.down(x))  # (B, C, S, S) -> (B, w', g, g)
+        h = self.mid_enc(self.down(x))  # (B, n_in, S, S) -> (B, w', g, g)
         z = self.to_latent(h).permute(0, 2, 3, 1)  # (B, g, g, d)
         return self.quantizer(z)  # codes (B, g, g, d), indices (B, g, g)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         h = self.from_latent(codes.permute(0, 3, 1, 2))  # (B, w', g, g)
-        return self.head(self.up(h))  # (B, C, S, S)
+        return self.head(self.up(h))  # (B, C, S, S) normalised flux
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, _ = self.encode(x)
@@ -185,23 +249,33 @@ class ImageAutoencoder(nn.Module):
 
 # ---- tokenizer ----------------------------------------------------------------------------------
 class ImageTokenizer:
+    Config = ImageTokenizerConfig
+
     def __init__(self, config: ImageTokenizerConfig, model: ImageAutoencoder | None = None, fitted: bool = False) -> None:
         self.config = config
         torch.manual_seed(config.seed)
-        self.model = model or ImageAutoencoder(config.n_bands, config.width, config.n_down, config.levels)
+        self.model = model or ImageAutoencoder(config.n_bands, config.width, config.n_down, config.levels, 2 * config.n_bands)
         self.model.eval()
         self.fitted = fitted
 
     @property
-    def vocab_size(self) -> int:
+    def content_vocab_size(self) -> int:
         return self.model.quantizer.codebook_size
 
     @property
+    def scale_offset(self) -> int:
+        return self.content_vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scale_offset + self.config.n_scale_bins
+
+    @property
     def token_grid(self) -> int:
-        return self.config.crop_size // 2**self.config.n_down
+        return self.config.token_grid
 
     def preprocess(self, images: Sequence[Image]) -> Prepared:
-        """Resample + crop + stretch each image with its survey's spec (grouped, not per object)."""
+        """Resample + crop + normalise + stretch each image with its survey's spec (grouped, not per object)."""
         cfg = self.config
         if not images:
             raise ModalityError("ImageTokenizer: expected at least one image; got none")
@@ -219,69 +293,95 @@ class ImageTokenizer:
             ok = np.stack([images[i].valid for i in idx])
             flux[idx], valid[idx] = resample(stack, ok, scale_in, cfg.pixel_scale_arcsec, s)
             scale[idx] = stretch_scale(survey_spec(name), cfg.pixel_scale_arcsec)
-        x = np.where(valid, arcsinh_stretch(flux, scale[:, :, None, None]), 0.0)
-        return Prepared(x.astype(np.float32), valid, flux, scale)
+        bins = flux_scale_bins(flux, valid, scale, cfg)
+        norm = scale_bin_centres(cfg)[bins][:, None] * scale  # (N, C)
+        y = np.clip(flux / norm[:, :, None, None], -cfg.max_input, cfg.max_input)
+        x = np.where(np.concatenate([valid, valid], 1),
+                     np.concatenate([y, arcsinh_stretch(flux, scale[:, :, None, None]) / STRETCH_UNIT], 1), 0.0)
+        return Prepared(x.astype(np.float32), valid, flux, scale, bins, norm)
 
     def fit(self, images: Sequence[Image]) -> "ImageTokenizer":
-        """Train the autoencoder on the images (masked MSE in stretched units, flips/rot90 augmentation)."""
+        """Train the autoencoder on the images (loss in sky-noise units, see the module docstring; flips/rot90)."""
         cfg = self.config
         prep = self.preprocess(images)
         torch.set_num_threads(cfg.n_threads)
         gen = torch.Generator().manual_seed(cfg.seed)
-        x, w = torch.from_numpy(prep.x), torch.from_numpy(prep.valid.astype(np.float32))
+        x, y = torch.from_numpy(prep.x), torch.from_numpy(prep.target.astype(np.float32))
+        w = torch.from_numpy(prep.valid.astype(np.float32))
+        noise = torch.from_numpy((prep.scale / prep.norm).mean(1).astype(np.float32))  # (N,) sky sigma / norm
+        weight = 1.0 / (noise**2 + cfg.rel_floor**2) * cfg.rel_floor**2  # (N,) 1 for bright stamps
+        ap = torch.from_numpy(cfg.aperture().astype(np.float32))
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.05)
         self.model.train()
         for step in range(cfg.steps):
             idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen)
-            c, step8 = cfg.train_crop, 2**cfg.n_down
-            y0, x0 = (int(v) * step8 for v in torch.randint((cfg.crop_size - c) // step8 + 1, (2,), generator=gen))
-            xb, wb = x[idx, :, y0 : y0 + c, x0 : x0 + c], w[idx, :, y0 : y0 + c, x0 : x0 + c]
+            y0, x0 = _crop_origin(cfg, gen)
+            sl = (idx, slice(None), slice(y0, y0 + cfg.train_crop), slice(x0, x0 + cfg.train_crop))
             k = int(torch.randint(8, (1,), generator=gen))
-            xb, wb = _augment(xb, k), _augment(wb, k)
-            loss = (((self.model(xb) - xb) ** 2) * wb).sum() / wb.sum().clamp_min(1.0)
+            xb, yb, wb, ab = (_augment(t, k) for t in (x[sl], y[sl], w[sl], ap[sl[2:]]))
+            pix, aper = _losses(self.model(xb), yb, wb, ab)
+            loss = (pix * weight[idx]).mean() + cfg.aperture_weight * aper.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            if step % 200 == 0 or step == cfg.steps - 1:
-                log.info("image tokenizer step %d/%d loss %.4f", step, cfg.steps, loss.item())
+            if step % LOG_EVERY == 0 or step == cfg.steps - 1:
+                log.info("image tokenizer step %d/%d loss %.4f (aperture %.4f)", step, cfg.steps, loss.item(), aper.mean().item())
         self.model.eval()
         self.fitted = True
         return self
 
     @torch.no_grad()
     def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
+        """Prepared stamps -> (N, 1 + g * g) int32 tokens: scale token, then the content grid row-major."""
         self._require_fitted()
         x = torch.from_numpy(prep.x)
         out = [self.model.encode(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)]
-        return torch.cat(out).numpy().astype(np.int32)  # (N, g, g)
+        content = torch.cat(out).numpy().reshape(len(x), -1)  # (N, g * g)
+        return np.concatenate([(self.scale_offset + prep.scale_bin)[:, None], content], 1).astype(np.int32)
 
     def encode(self, images: Sequence[Image]) -> np.ndarray:
-        """Images -> (N, g, g) int32 tokens in [0, vocab_size)."""
+        """Images -> (N, 1 + g * g) int32 tokens in [0, vocab_size)."""
         return self.encode_prepared(self.preprocess(images))
 
-    @torch.no_grad()
-    def decode_stretched(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, g, g) tokens -> (N, C, S, S) stretched images."""
-        self._require_fitted()
+    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
+        n = self.config.n_tokens
+        if tokens.ndim != 2 or tokens.shape[1] != n:
+            raise ModalityError(f"ImageTokenizer.decode: expected tokens of shape (N, {n}); got {tokens.shape}")
+        content, scale = tokens[:, 1:], tokens[:, 0]
+        if content.size and (content.min() < 0 or content.max() >= self.content_vocab_size):
+            raise ModalityError(f"ImageTokenizer.decode: expected content tokens in [0, {self.content_vocab_size}); "
+                                f"got {content.min()}..{content.max()}")
+        if scale.size and (scale.min() < self.scale_offset or scale.max() >= self.vocab_size):
+            raise ModalityError(f"ImageTokenizer.decode: expected scale tokens in [{self.scale_offset}, {self.vocab_size}); "
+                                f"got {scale.min()}..{scale.max()}")
+        return tokens
+
+    @torch.no_grad()
+    def decode_normalised(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, 1 + g * g) tokens -> (N, C, S, S) flux / norm (the scale token is ignored)."""
+        self._require_fitted()
+        tokens = self._check_tokens(tokens)
         g = self.token_grid
-        if tokens.ndim != 3 or tokens.shape[1:] != (g, g):
-            raise ModalityError(f"ImageTokenizer.decode: expected tokens of shape (N, {g}, {g}); got {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ModalityError(f"ImageTokenizer.decode: expected tokens in [0, {self.vocab_size}); got {tokens.min()}..{tokens.max()}")
-        t = torch.from_numpy(tokens.astype(np.int64))
+        t = torch.from_numpy(tokens[:, 1:].reshape(-1, g, g).astype(np.int64))
         q = self.model.quantizer
         out = [self.model.decode_codes(q.indices_to_codes(t[i : i + batch_size])) for i in range(0, len(t), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
 
-    def decode(self, tokens: np.ndarray, survey: str) -> np.ndarray:
-        """Tokens -> (N, C, S, S) flux per output pixel (native unit of ``survey``, common pixel scale)."""
+    def decode_scale(self, tokens: np.ndarray, survey: str) -> np.ndarray:
+        """(N, 1 + g * g) tokens -> (N, C) quantised flux scale ``norm`` in the survey's native unit per output pixel."""
         if survey not in self.config.surveys:
             raise ModalityError(f"ImageTokenizer.decode: expected a survey in {self.config.surveys}; got {survey!r}")
-        scale = stretch_scale(survey_spec(survey), self.config.pixel_scale_arcsec)
-        return inverse_stretch(self.decode_stretched(tokens).astype(np.float64), scale[None, :, None, None])
+        bins = self._check_tokens(tokens)[:, 0].astype(np.int64) - self.scale_offset
+        soft = stretch_scale(survey_spec(survey), self.config.pixel_scale_arcsec)
+        return scale_bin_centres(self.config)[bins][:, None] * soft[None, :]
+
+    def decode(self, tokens: np.ndarray, survey: str) -> np.ndarray:
+        """Tokens -> (N, C, S, S) flux per output pixel (native unit of ``survey``, common pixel scale)."""
+        norm = self.decode_scale(tokens, survey)
+        return self.decode_normalised(tokens).astype(np.float64) * norm[:, :, None, None]
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -313,6 +413,29 @@ class ImageTokenizer:
         tok.model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         tok.model.eval()
         return tok
+
+
+def _crop_origin(cfg: ImageTokenizerConfig, gen: torch.Generator) -> tuple[int, int]:
+    """Top-left corner (multiple of 2**n_down) of a random training crop that contains the whole aperture."""
+    step, c, half = 2**cfg.n_down, cfg.train_crop, cfg.crop_size // 2
+    r = int(np.ceil(cfg.scale_aperture_arcsec / cfg.pixel_scale_arcsec))
+    lo, hi = max(0, -(-(half + r + 1 - c) // step)), min((cfg.crop_size - c) // step, (half - r) // step)
+    if lo > hi:  # the crop is too small to hold the aperture: any crop
+        lo, hi = 0, (cfg.crop_size - c) // step
+    y0, x0 = torch.randint(lo, hi + 1, (2,), generator=gen).tolist()
+    return y0 * step, x0 * step
+
+
+def _losses(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per stamp: squared error summed over valid pixels per aperture pixel (B,), squared relative aperture-flux
+    error (B,). Both are ~ (relative error)^2 of the source, whatever the crop size.
+
+    out, y, w: (B, C, s, s) decoded, target (normalised flux) and validity; ap: (s, s) aperture mask.
+    """
+    pix = (((out - y) ** 2) * w).sum((1, 2, 3)) / ap.sum().clamp_min(1.0)
+    f_out, f_true = ((t * w * ap).sum((1, 2, 3)) for t in (out, y))
+    ref = torch.maximum(f_true.abs(), (w * ap).sum((1, 2, 3))).clamp_min(1.0)  # >= the aperture flux of the norm
+    return pix, ((f_out - f_true) / ref) ** 2
 
 
 def _augment(x: torch.Tensor, k: int) -> torch.Tensor:

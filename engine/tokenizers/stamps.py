@@ -212,3 +212,30 @@ def cut_stamps(field: Field, cfg: StampConfig = StampConfig()) -> Stamps:
     log.info("%s: %d stamps of %d px (sky %.4g +- %.4g)", field.source_file, len(xc), cfg.size_pix, background, noise)
     return Stamps(pixels, xc, yc, np.asarray(ra, np.float64), np.asarray(dec, np.float64), peak_snr,
                   background, noise, field.pixel_scale_arcsec, field.source_file)
+
+
+def first_image_hdu(path: str | Path) -> int:
+    """Index of the first HDU holding a 2-D image."""
+    try:
+        with fits.open(path) as hdul:
+            for i, h in enumerate(hdul):
+                if h.data is not None and np.ndim(h.data) == 2:
+                    return i
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read FITS ({exc})") from exc
+    raise ModalityError(f"{path}: expected an HDU with a 2-D image; got none")
+
+
+def stamp_images(field: Field, bands: tuple[str, ...], crop_size: int, pixel_scale_arcsec: float,
+                 cfg: StampConfig = StampConfig()) -> tuple[Stamps, list]:
+    """Cut stamps (even side) large enough to cover ``crop_size`` pixels of ``pixel_scale_arcsec`` after
+    resampling, and wrap each as a single-band :class:`engine.modalities.images.Image` of ``bands``."""
+    from dataclasses import replace
+
+    from engine.modalities.images import Image
+
+    if len(bands) != 1:
+        raise ModalityError(f"stamp_images: a field is one image plane; expected 1 band, got {bands}")
+    size = int(np.ceil(crop_size * pixel_scale_arcsec / field.pixel_scale_arcsec)) + 2
+    stamps = cut_stamps(field, replace(cfg, size_pix=size + size % 2))
+    return stamps, [Image(p[None].astype(np.float64), bands, stamps.pixel_scale_arcsec) for p in stamps.pixels]

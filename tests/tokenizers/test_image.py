@@ -16,7 +16,7 @@ from engine.tokenizers.image import (
 from engine.tokenizers.stamps import StampConfig, cut_stamps, read_field
 
 CUTOUT = Path(__file__).parents[1] / "data" / "images" / "cfht_a370_cutout.fits"
-TINY = dict(surveys=("cfht_i",), width=8, steps=40, batch_size=8, train_crop=48, lr=1e-2, seed=0)
+TINY = dict(surveys=("cfht_i",), width=8, steps=120, batch_size=8, train_crop=48, lr=3e-3, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,24 @@ def test_resampling_masks_uncovered_pixels_and_fills_masked_ones():
 def test_round_trip_fidelity_on_real_stamps(tok, images):
     prep = tok.preprocess(images)
     tokens = tok.encode_prepared(prep)
-    assert tokens.shape == (len(images), 12, 12) and tokens.min() >= 0 and tokens.max() < tok.vocab_size == 1000
-    rec = tok.decode_stretched(tokens)
-    v = prep.valid
-    bright = v & (prep.x > 2.0)  # source pixels, > ~3.6 softening scales; the sky is noise the codec drops
-    err = np.sqrt(((rec - prep.x) ** 2)[bright].mean())
-    assert err < 0.75 * np.sqrt((prep.x**2)[bright].mean())  # clearly better than predicting empty sky
-    flux = tok.decode(tokens, "cfht_i")  # the stretch is undone: decode == inverse_stretch(decode_stretched)
-    np.testing.assert_allclose(flux, inverse_stretch(rec.astype(np.float64), prep.scale[:, :, None, None]), rtol=1e-6)
+    assert tokens.shape == (len(images), 145) and tok.config.n_tokens == 145 and tok.vocab_size == 1000 + 1024
+    assert tokens[:, 1:].min() >= 0 and tokens[:, 1:].max() < 1000 and tokens[:, 0].min() >= 1000
+    flux = tok.decode(tokens, "cfht_i")
+    # decode == normalised decode x the quantised scale, and that scale is within half a bin of the stamp's
+    np.testing.assert_allclose(flux, tok.decode_normalised(tokens) * prep.norm[:, :, None, None], rtol=1e-6)
+    np.testing.assert_allclose(tok.decode_scale(tokens, "cfht_i"), prep.norm, rtol=1e-12)
+    ap = tok.config.aperture()
+    u = prep.flux[:, 0][:, ap].mean(-1) / prep.scale[:, 0]
+    half_bin = 10 ** (0.5 * 7.0 / 1024)
+    above = u > 1.0
+    assert above.sum() > 10 and np.all(np.abs(np.log10(prep.norm[above, 0] / prep.scale[above, 0] / u[above])) <= np.log10(half_bin) + 1e-9)
+    # source pixels (> 3 softening scales) are reconstructed clearly better than predicting empty sky
+    bright = prep.valid & (prep.flux > 3 * prep.scale[:, :, None, None])
+    err = np.sqrt(((flux - prep.flux) ** 2)[bright].mean())
+    assert err < 0.75 * np.sqrt((prep.flux**2)[bright].mean())
+    # and the central-aperture flux (what the loss's aperture term trains) to a few per cent
+    f_rec, f_true = flux[:, 0][:, ap].sum(-1), prep.flux[:, 0][:, ap].sum(-1)
+    assert np.median(np.abs(f_rec - f_true)[above] / f_true[above]) < 0.1
 
 
 def test_masked_pixels_do_not_change_tokens(tok, images):
@@ -94,7 +104,7 @@ def test_masked_pixels_do_not_change_tokens(tok, images):
 def test_save_load_gives_identical_tokens_and_images(tok, images, tmp_path):
     tok.save(tmp_path / "img")
     state = json.loads((tmp_path / "img" / "image_tokenizer.json").read_text())
-    assert state["kind"] == "image" and state["format_version"] == 1 and state["config"]["levels"] == [8, 5, 5, 5]
+    assert state["kind"] == "image" and state["format_version"] == 2 and state["config"]["levels"] == [8, 5, 5, 5]
     loaded = ImageTokenizer.load(tmp_path / "img")
     t1, t2 = tok.encode(images[:8]), loaded.encode(images[:8])
     np.testing.assert_array_equal(t1, t2)
@@ -111,10 +121,14 @@ def test_bad_inputs_raise_domain_errors(tok, images, tmp_path):
         Image(np.ones((1, 48, 48)), ("CFHT-I",), float("inf"))
     with pytest.raises(ModalityError, match=r"expected shape \(bands, H, W\)"):
         Image(np.ones((48, 48)), ("CFHT-I",), 0.2)
-    with pytest.raises(ModalityError, match=r"expected tokens of shape \(N, 12, 12\); got \(2, 6, 6\)"):
+    with pytest.raises(ModalityError, match=r"expected tokens of shape \(N, 145\); got \(2, 6, 6\)"):
         tok.decode(np.zeros((2, 6, 6), int), "cfht_i")
-    with pytest.raises(ModalityError, match=r"expected tokens in \[0, 1000\)"):
-        tok.decode(np.full((1, 12, 12), 1000), "cfht_i")
+    bad_content = np.full((1, 145), 1000)
+    with pytest.raises(ModalityError, match=r"expected content tokens in \[0, 1000\)"):
+        tok.decode(bad_content, "cfht_i")
+    bad_scale = np.zeros((1, 145), int)
+    with pytest.raises(ModalityError, match=r"expected scale tokens in \[1000, 2024\)"):
+        tok.decode(bad_scale, "cfht_i")
     with pytest.raises(CodecError, match="not fitted"):
         ImageTokenizer(ImageTokenizerConfig(**TINY)).encode(images[:1])
     with pytest.raises(CodecError, match="no saved image tokenizer"):

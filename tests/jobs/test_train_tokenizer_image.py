@@ -1,0 +1,38 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import ConfigError
+from engine.tokenizers.image import ImageTokenizer
+from engine.tokenizers.stamps import first_image_hdu, read_field, stamp_images
+from jobs.train_tokenizer import main
+
+CUTOUT = Path(__file__).parents[1] / "data" / "images" / "cfht_a370_cutout.fits"
+
+
+def test_image_kind_trains_on_a_real_field_and_saves_a_loadable_codec(tmp_path):
+    out = tmp_path / "tok"
+    main(["--kind", "image", "--survey", "cfht_i", "--input", str(CUTOUT), "--out", str(out), "--steps", "3", "--seed", "1"])
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["kind"] == "image" and resolved["inputs"] == [str(CUTOUT)]
+    assert resolved["config"]["steps"] == 3 and resolved["config"]["surveys"] == ["hst_f606w", "hst_f814w", "cfht_i"]
+    tok = ImageTokenizer.load(out)
+    assert tok.config.seed == 1 and tok.config.steps == 3
+    field = read_field(CUTOUT, first_image_hdu(CUTOUT))
+    stamps, images = stamp_images(field, ("CFHT-I",), 96, 0.1)
+    assert stamps.pixels.shape[1:] == (50, 50)  # 96 x 0.1" / 0.206" = 46.6 -> 47 + 2 margin, made even
+    tokens = tok.encode(images)
+    assert tokens.shape == (len(images), 145)
+    # the scale token of the brightest stamp carries its central flux: decode restores it to within half a bin
+    prep = tok.preprocess(images)
+    i = int(np.argmax(prep.flux[:, 0, 48, 48]))
+    ap = tok.config.aperture()
+    measured = prep.flux[i, 0][ap].mean()
+    assert abs(np.log10(tok.decode_scale(tokens[i : i + 1], "cfht_i")[0, 0] / measured)) <= 3.5 / 1024 + 1e-9
+
+
+def test_image_kind_rejects_an_unregistered_survey(tmp_path):
+    with pytest.raises(ConfigError, match="unknown modality 'tok_image_manga'"):
+        main(["--kind", "image", "--input", str(CUTOUT), "--out", str(tmp_path / "t"), "--steps", "1"])
