@@ -26,8 +26,9 @@ def cdf_at_edges(probs: np.ndarray) -> np.ndarray:
     return cdf
 
 
-def quantile(probs: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
-    cdf = cdf_at_edges(probs)
+def quantile(probs: np.ndarray, edges: np.ndarray, q: float, cdf: np.ndarray | None = None) -> np.ndarray:
+    """The q-quantile of each row's p(z); pass ``cdf`` (from cdf_at_edges) to reuse it across quantiles."""
+    cdf = cdf_at_edges(probs) if cdf is None else cdf
     k = np.clip((cdf[:, 1:] < q).sum(axis=1), 0, probs.shape[1] - 1)  # bin holding the q-quantile
     rows = np.arange(len(probs))
     p_k = np.maximum(probs[rows, k], 1e-300)
@@ -47,7 +48,8 @@ def summarize(probs: np.ndarray, edges: np.ndarray, centres: np.ndarray) -> dict
         "z_phot_mode": centres[probs.argmax(axis=1)],
         "z_phot_std": np.sqrt(np.maximum(var, 0.0)),
     }
-    out.update({name: quantile(probs, edges, q) for name, q in QUANTILES.items()})
+    cdf = cdf_at_edges(probs)
+    out.update({name: quantile(probs, edges, q, cdf) for name, q in QUANTILES.items()})
     return {k: out[k].astype(np.float32) for k in ("z_phot_mean", "z_phot_median", "z_phot_mode", "z_phot_std",
                                                     "z_phot_l68", "z_phot_u68", "z_phot_l95", "z_phot_u95")}
 
