@@ -4,10 +4,14 @@
 
 Measures, on synthetic releases resampled from the real sample (engine.release):
   * e2e rows/s of jobs/embed.py with the default model, and the same model in a bare loop over
-    pre-tokenized in-memory arrays (same batch size, precision and torch threads): their ratio;
-  * a straightforward single-process script (read Parquet -> tokenize -> model -> write Lance),
-    same threads: our ratio to it;
-  * the engine's own overhead with the no-op model (64-d embedding out);
+    pre-tokenized in-memory arrays (same batch size and precision): their ratio;
+  * a straightforward single-process script (read Parquet -> tokenize -> model -> write Lance): our
+    ratio to it;
+    both at the same number of torch threads, twice: one thread (one model actor), and the whole
+    machine (os.cpu_count() threads: the engine runs that many one-thread model actors, the bare loop
+    and the script one process with that many threads);
+  * the engine's own overhead with the no-op model (64-d embedding out), next to a bare Ray Data ->
+    lance-ray pipeline (benchmarks/bare_ray_pipeline.py) on the same release;
   * peak RSS of the whole job (driver + every Ray process: the job's process group) at two sizes.
 Prints JSON and writes benchmarks/results/bench_pipeline[_quick].json.
 """
@@ -32,7 +36,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "out"
 BATCH = 4096
-THREADS = 1
 
 
 def release(n_rows: int, seed: int) -> Path:
@@ -64,11 +67,12 @@ def _group_rss(pgid: int) -> int:
     return total
 
 
-def run_job(catalog: Path, model: str, tag: str) -> dict:
+def run_job(catalog: Path, model: str, tag: str, model_actors: int = 1) -> dict:
     out = OUT / f"{tag}.lance"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "jobs" / "embed.py"), "--catalog", str(catalog), "--out", str(out),
-           "--model", model, "--batch-size", str(BATCH), "--model-threads", str(THREADS), "--precision", "fp32"]
+           "--model", model, "--batch-size", str(BATCH), "--model-threads", "1", "--model-actors", str(model_actors),
+           "--precision", "fp32"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -96,13 +100,13 @@ def run_job(catalog: Path, model: str, tag: str) -> dict:
             "rows_per_s_pipeline": summary["rows_per_second"], "peak_rss_mb": round(peak[0] / 2**20, 1)}
 
 
-def model_only(catalog: Path, n_rows: int) -> dict:
+def model_only(catalog: Path, n_rows: int, threads: int) -> dict:
     import torch
 
     from engine.model.bundle import ModelBundle
     from engine.sample import DEFAULT_MODEL_DIR
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     bundle = ModelBundle.load(DEFAULT_MODEL_DIR)
     files = sorted(catalog.glob("*.parquet"))
     table = pq.read_table(files[0]).slice(0, n_rows)
@@ -117,7 +121,7 @@ def model_only(catalog: Path, n_rows: int) -> dict:
     return {"rows": len(tokens), "rows_per_s": round(len(tokens) / dt, 1)}
 
 
-def naive_script(catalog: Path, tag: str) -> dict:
+def naive_script(catalog: Path, tag: str, threads: int) -> dict:
     """What a user would write by hand: one process, file by file."""
     import lance
     import pyarrow as pa
@@ -126,7 +130,7 @@ def naive_script(catalog: Path, tag: str) -> dict:
     from engine.model.bundle import ModelBundle
     from engine.sample import DEFAULT_MODEL_DIR
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     out = OUT / f"{tag}.lance"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -150,6 +154,29 @@ def naive_script(catalog: Path, tag: str) -> dict:
     return {"rows": rows, "rows_per_s": round(rows / dt, 1)}
 
 
+def bare_pipeline(catalog: Path) -> dict:
+    """benchmarks/bare_ray_pipeline.py in its own process and Ray instance."""
+    cmd = [sys.executable, str(HERE / "bare_ray_pipeline.py"), str(catalog), str(OUT / "bare.lance")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"bare pipeline failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**res, "wall_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def model_comparison(release_dir: Path, n_model_only: int, threads: int) -> dict:
+    """Model-only loop, e2e job and the naive script, all at ``threads`` torch threads in total."""
+    res = {"torch_threads_total": threads, "engine_model_actors": threads, "engine_threads_per_actor": 1,
+           "model_only": model_only(release_dir, n_model_only, threads),
+           "e2e_default_model": run_job(release_dir, "engine/data/default_model", f"e2e_model_{threads}", threads),
+           "naive_script": naive_script(release_dir, f"naive_{threads}", threads)}
+    e2e = res["e2e_default_model"]["rows_per_s_wall"]
+    res["ratio_e2e_to_model_only"] = round(e2e / res["model_only"]["rows_per_s"], 3)
+    res["ratio_e2e_to_naive"] = round(e2e / res["naive_script"]["rows_per_s"], 3)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="small N for routine runs")
@@ -158,16 +185,16 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     n_model = 100_000 if a.quick else 1_000_000
     n_small, n_large = (200_000, 1_000_000) if a.quick else (1_000_000, 10_000_000)
-    res: dict = {"quick": a.quick, "seed": a.seed, "batch_size": BATCH, "torch_threads": THREADS, "cpus": os.cpu_count()}
+    cpus = os.cpu_count() or 1
+    res: dict = {"quick": a.quick, "seed": a.seed, "batch_size": BATCH, "cpus": cpus}
     model_release = release(n_model, a.seed)
-    res["model_only"] = model_only(model_release, min(n_model, 100_000))
-    res["e2e_default_model"] = run_job(model_release, "engine/data/default_model", "e2e_model")
-    res["naive_script"] = naive_script(model_release, "naive")
-    e2e = res["e2e_default_model"]["rows_per_s_wall"]
-    res["ratio_e2e_to_model_only"] = round(e2e / res["model_only"]["rows_per_s"], 3)
-    res["ratio_e2e_to_naive"] = round(e2e / res["naive_script"]["rows_per_s"], 3)
+    res["whole_machine"] = model_comparison(model_release, min(n_model, 100_000), cpus)
+    res["one_thread"] = model_comparison(model_release, min(n_model, 100_000), 1)
     res[f"noop_{n_small}"] = run_job(release(n_small, a.seed), "noop", "noop_small")
     res[f"noop_{n_large}"] = run_job(release(n_large, a.seed), "noop", "noop_large")
+    res[f"bare_ray_lance_{n_large}"] = bare_pipeline(release(n_large, a.seed))
+    res["ratio_noop_to_bare"] = round(
+        res[f"noop_{n_large}"]["rows_per_s_pipeline"] / res[f"bare_ray_lance_{n_large}"]["rows_per_s"], 3)
     res["peak_rss_ratio_large_to_small"] = round(
         res[f"noop_{n_large}"]["peak_rss_mb"] / res[f"noop_{n_small}"]["peak_rss_mb"], 3)
     res["noop_time_ratio_large_to_small"] = round(
