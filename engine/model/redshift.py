@@ -81,5 +81,42 @@ def photoz_metrics(z_phot: np.ndarray, z_true: np.ndarray) -> dict[str, float]:
     }
 
 
+def pit_coverage(u: np.ndarray, lo_q: float, hi_q: float) -> float:
+    """Coverage of the [lo_q, hi_q] quantile interval, from PIT values: the fraction with PIT inside it."""
+    return float(np.mean((u >= lo_q) & (u <= hi_q)))
+
+
+# the z_phot_l68/u68 and l95/u95 intervals as (lower quantile, upper quantile, nominal coverage)
+INTERVALS = ((QUANTILES["z_phot_l68"], QUANTILES["z_phot_u68"], QUANTILES["z_phot_u68"] - QUANTILES["z_phot_l68"]),
+             (QUANTILES["z_phot_l95"], QUANTILES["z_phot_u95"], QUANTILES["z_phot_u95"] - QUANTILES["z_phot_l95"]))
+
+
+def fit_coverage_temperature(logits: np.ndarray, edges: np.ndarray, z: np.ndarray) -> tuple[float, dict]:
+    """Temperature whose central 68 % and 95 % intervals cover the true z as often as they claim.
+
+    Minimises the summed squared coverage errors at both levels on rows with known z (a validation
+    split; an NLL-fitted temperature left 68 % intervals covering ~73 % on SDSS CV): a coarse log grid
+    over [0.2, 5], then a fine one between the coarse neighbours of the best. Ties (coverage is a step
+    function of the temperature) go to the middle of the tied range. Returns the temperature and the
+    fit's record (coverages reached, rows used) for the model meta.
+    """
+    nominal = np.array([nom for *_, nom in INTERVALS])
+
+    def scan(grid: np.ndarray) -> tuple[int, np.ndarray]:
+        cov = np.array([[pit_coverage(pit(softmax(logits, t), edges, z), lo, hi) for lo, hi, _ in INTERVALS]
+                        for t in grid])  # (len(grid), 2)
+        err = ((cov - nominal) ** 2).sum(axis=1)
+        best = np.flatnonzero(err <= err.min() + 1e-12)
+        return int(best[len(best) // 2]), cov
+
+    coarse = np.geomspace(0.2, 5.0, 33)
+    i, _ = scan(coarse)
+    fine = np.geomspace(coarse[max(i - 1, 0)], coarse[min(i + 1, len(coarse) - 1)], 33)
+    j, cov = scan(fine)
+    record = {"method": "coverage_temperature", "nominal": [round(float(n), 4) for n in nominal],
+              "n_rows": int(len(z)), "coverage_fitted": [float(c) for c in cov[j]]}
+    return float(fine[j]), record
+
+
 def coverage(lo: np.ndarray, hi: np.ndarray, z_true: np.ndarray) -> float:
     return float(np.mean((z_true >= lo) & (z_true <= hi)))

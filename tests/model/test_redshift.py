@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.model.redshift import coverage, photoz_metrics, pit, summarize
+from engine.model.redshift import coverage, fit_coverage_temperature, photoz_metrics, pit, pit_coverage, softmax, summarize
 
 EDGES = np.linspace(0.0, 1.0, 11)
 CENTRES = 0.5 * (EDGES[:-1] + EDGES[1:])
@@ -48,3 +48,21 @@ def test_photoz_metrics_on_known_offsets():
     assert m["outlier_frac_0.15"] == pytest.approx(0.01)
     assert m["sigma_nmad"] == pytest.approx(1.4826 * 0.01, rel=1e-6)
     assert coverage(z - 0.01, z + 0.01, z + np.r_[np.zeros(68), np.ones(32)]) == pytest.approx(0.68)
+
+
+def test_coverage_temperature_recovers_the_true_width_of_overdispersed_gaussians():
+    """Logits of N(mu, (1.3 s)^2) while z ~ N(mu, s^2): T = 1/1.3^2 makes the p(z) exact."""
+    rng = np.random.default_rng(1)
+    edges = np.linspace(0.0, 1.0, 401)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    mu, s = rng.uniform(0.3, 0.7, 4000), rng.uniform(0.02, 0.05, 4000)
+    z = mu + s * rng.standard_normal(4000)
+    logits = -0.5 * ((centres[None, :] - mu[:, None]) / (1.3 * s[:, None])) ** 2
+    t, record = fit_coverage_temperature(logits, edges, z)
+    assert t == pytest.approx(1 / 1.3**2, rel=0.08)
+    assert record["coverage_fitted"] == pytest.approx([0.6827, 0.95], abs=0.01) and record["n_rows"] == 4000
+    s_cal = summarize(softmax(logits, t), edges, centres)
+    assert coverage(s_cal["z_phot_l68"], s_cal["z_phot_u68"], z) == pytest.approx(0.6827, abs=0.015)
+    s_raw = summarize(softmax(logits, 1.0), edges, centres)
+    assert coverage(s_raw["z_phot_l68"], s_raw["z_phot_u68"], z) > 0.75  # uncalibrated: too wide
+    assert pit_coverage(pit(softmax(logits, t), edges, z), 0.025, 0.975) == pytest.approx(0.95, abs=0.01)
