@@ -22,6 +22,7 @@ from engine.cluster import embed_stage_resources
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.modalities import Z_PHOT_COLUMNS
+from engine.pipeline.duplicates import DuplicateCounter
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
 from engine.pipeline.stages import ID, PASSTHROUGH, SOURCE_PATH, UNIT, EmbedStage, TokenizeStage, flag_legend
 from engine.pipeline.units import (LEDGER_KEY, UnitCounts, UnitProgress, check_file, committed_units,
@@ -103,7 +104,7 @@ class _Ledger:
         self.ready: list[UnitProgress] = []
         self.committed: dict[str, UnitCounts] = {}
         self.failed: dict[str, str] = {}
-        self.ids: list[np.ndarray] = []
+        self.duplicates = DuplicateCounter()  # ids of every verified unit, for cross-file duplicates
         self.paths: list[str] = []  # unit index -> input file, set when the dataset is built
         self.table_exists = bool(done)
         self.last_commit = self.last_log = time.perf_counter()
@@ -140,7 +141,7 @@ class _Ledger:
             log.error("%s: not committed: %s", unit.file.path, problem)
         else:
             self.ready.append(unit)
-            self.ids.append(expected)
+            self.duplicates.add(expected)
 
     def flush(self) -> None:
         """Commit every verified unit in one Lance transaction that names them."""
@@ -274,11 +275,9 @@ def _summary(cfg, bundle, catalog, ledger: _Ledger, failed, done, t0) -> dict:
     expected_out = sum(c.rows for c in unit_counts)
     if rows_out != expected_out:
         raise OutputMismatchError(f"{cfg.out}: table holds {rows_out} rows, the ledger of committed units says {expected_out}")
-    ids = np.concatenate(ledger.ids) if ledger.ids else np.empty(0, np.int64)
-    uniq, multiplicity = np.unique(ids, return_counts=True)
-    dups = uniq[multiplicity > 1]
-    if len(dups):
-        log.warning("%d object_id(s) occur more than once in the input (e.g. %s); each row is kept", len(dups), dups[:5].tolist())
+    n_dups, dup_examples = ledger.duplicates.duplicates()
+    if n_dups:
+        log.warning("%d object_id(s) occur more than once in the input (e.g. %s); each row is kept", n_dups, dup_examples)
     seconds = time.perf_counter() - t0
     rows_in = sum(f.num_rows for f in catalog.files if f.path not in failed)
     return {
@@ -289,6 +288,6 @@ def _summary(cfg, bundle, catalog, ledger: _Ledger, failed, done, t0) -> dict:
         "empty_files": [f.path for f in catalog.files if f.num_rows == 0],
         "rows_in": int(rows_in), "rows_out": int(rows_out), "ids_match": rows_out == rows_in,
         "rows_flagged": sum(c.flagged for c in unit_counts), "rows_without_valid_input": sum(c.no_valid for c in unit_counts),
-        "duplicate_ids": {"n": int(len(dups)), "examples": dups[:5].tolist()},
+        "duplicate_ids": {"n": int(n_dups), "examples": dup_examples},
         "seconds": round(seconds, 2), "rows_per_second": round(ledger.rows_done / seconds, 1),
     }
