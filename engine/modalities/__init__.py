@@ -44,6 +44,9 @@ SCALARS: tuple[ScalarSpec, ...] = (
     # (e.g. mag_y_lsst) map their columns onto these streams with TrainConfig.columns.
     ScalarSpec("mag_y", "mag_y", "quantile", "mag", "y-band magnitude (AB; LSST/HSC)", "magerr_y"),
     ScalarSpec("redshift", "z_spec", "quantile", "", "spectroscopic redshift"),
+    ScalarSpec("teff", "teff", "quantile", "K", "stellar effective temperature"),
+    ScalarSpec("logg", "logg", "quantile", "dex(cm / s2)", "stellar surface gravity log10(g / (cm s^-2))"),
+    ScalarSpec("feh", "feh", "quantile", "dex", "stellar iron abundance [Fe/H]"),
 )
 
 SCALARS_BY_NAME = {spec.name: spec for spec in SCALARS}
