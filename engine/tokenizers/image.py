@@ -306,7 +306,10 @@ class ImageTokenizer:
         prep = self.preprocess(images)
         torch.set_num_threads(cfg.n_threads)
         gen = torch.Generator().manual_seed(cfg.seed)
-        x, y = torch.from_numpy(prep.x), torch.from_numpy(prep.target.astype(np.float32))
+        # the target is clipped like the input: a neighbour far brighter than the central source would
+        # otherwise dominate every gradient and collapse the codes (seen on the CFHT/HST fields)
+        x = torch.from_numpy(prep.x)
+        y = torch.from_numpy(np.clip(prep.target, -cfg.max_input, cfg.max_input).astype(np.float32))
         w = torch.from_numpy(prep.valid.astype(np.float32))
         noise = torch.from_numpy((prep.scale / prep.norm).mean(1).astype(np.float32))  # (N,) sky sigma / norm
         weight = 1.0 / (noise**2 + cfg.rel_floor**2) * cfg.rel_floor**2  # (N,) 1 for bright stamps
@@ -324,6 +327,7 @@ class ImageTokenizer:
             loss = (pix * weight[idx]).mean() + cfg.aperture_weight * aper.mean()
             opt.zero_grad()
             loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             opt.step()
             sched.step()
             if step % LOG_EVERY == 0 or step == cfg.steps - 1:
