@@ -27,7 +27,8 @@ from engine.model import generate as _generate
 from engine.model.redshift import REDSHIFT, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
 from engine.tokenizers.scalar import ScalarTokenizer
-from engine.model.files import CONFIG, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, read_config
+from engine.model.files import (CONFIG, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, load_token_tokenizers,
+                                read_config)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -147,23 +148,7 @@ class ModelBundle:
         except RuntimeError as exc:
             raise ModelError(f"{d / WEIGHTS} does not match the architecture in {d / CONFIG}: {exc}") from exc
         return cls(model=model.eval(), tokenizer=ScalarTokenizer.load(d / TOKENIZER), meta=meta,
-                   token_tokenizers=_load_token_tokenizers(d, cfg))
-
-
-def _load_token_tokenizers(d: Path, cfg: ModelConfig) -> dict:
-    """Each multi-token modality's tokenizer, by the class the modality registry names for it."""
-    from engine.modalities.registry import entry
-
-    out = {}
-    for name, (n_tokens, vocab_size) in cfg.token_sizes.items():
-        tok = entry(name).tokenizer_class().load(d / TOKEN_TOKENIZERS / name)
-        if (tok.config.n_tokens, tok.vocab_size) != (n_tokens, vocab_size):
-            raise ModelError(
-                f"{d / TOKEN_TOKENIZERS / name}: tokenizer gives {tok.config.n_tokens} tokens over {tok.vocab_size} ids; "
-                f"the model in {d / CONFIG} expects {n_tokens} over {vocab_size}"
-            )
-        out[name] = tok
-    return out
+                   token_tokenizers=load_token_tokenizers(d, cfg))
 
 
 def load_bundle(model_dir: str | Path):

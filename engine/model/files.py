@@ -36,6 +36,15 @@ def read_config(d: Path, required: tuple[str, ...]) -> tuple[ModelConfig, dict]:
     return cfg, raw
 
 
+def model_config(model_dir: str | Path) -> tuple[ModelConfig, Path]:
+    """A model dir's ModelConfig (``"noop"``: the shipped default model's) and the resolved directory."""
+    from engine.model.noop import NOOP
+    from engine.sample import DEFAULT_MODEL_DIR
+
+    d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
+    return read_config(d, (CONFIG,))[0], d
+
+
 def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, str]]:
     """A model dir's tokenizer and its inputs (modality -> column, model order), without the weights."""
     from engine.model.noop import NOOP
@@ -44,3 +53,19 @@ def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, st
     d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
     cfg, meta = read_config(d, (CONFIG, TOKENIZER))
     return ScalarTokenizer.load(d / TOKENIZER), {m: meta["inputs"][m] for m in cfg.input_modalities}
+
+
+def load_token_tokenizers(d: Path, cfg: ModelConfig) -> dict:
+    """Each multi-token modality's tokenizer, by the class the modality registry names for it."""
+    from engine.modalities.registry import entry
+
+    out = {}
+    for name, (n_tokens, vocab_size) in cfg.token_sizes.items():
+        tok = entry(name).tokenizer_class().load(d / TOKEN_TOKENIZERS / name)
+        if (tok.config.n_tokens, tok.vocab_size) != (n_tokens, vocab_size):
+            raise ModelError(
+                f"{d / TOKEN_TOKENIZERS / name}: tokenizer gives {tok.config.n_tokens} tokens over {tok.vocab_size} ids; "
+                f"the model in {d / CONFIG} expects {n_tokens} over {vocab_size}"
+            )
+        out[name] = tok
+    return out

@@ -24,6 +24,7 @@ their first argument; ``ModelBundle`` exposes them as thin methods.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -174,6 +175,36 @@ def encode(
     pooled = bundle.model.pool(states, valid).float().cpu().numpy()  # (B, D)
     pooled[~valid.cpu().numpy().any(axis=1)] = np.nan
     return (pooled, states.float().cpu().numpy()) if per_token else pooled
+
+
+@torch.inference_mode()
+def predict_scalars(
+    bundle: "ModelBundle", tokens: np.ndarray, valid: np.ndarray, multi: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    targets: Sequence[str], autocast_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """One encoder pass over scalar tokens (B, T) + token modalities (``stack_multi``) -> ``embedding`` (B, D)
+    float32 and, per scalar target, the summaries of ``generate`` (no sampling): redshift as ``z_phot_*``,
+    others as ``<target>_<summary>`` (``teff_median``, ``teff_std``, ...). Rows with no valid input give NaN."""
+    device = next(bundle.model.parameters()).device
+    tok = torch.as_tensor(tokens, dtype=torch.long, device=device)
+    val = torch.as_tensor(valid, dtype=torch.bool, device=device)
+    mb = _to_torch(multi, slice(None), device)
+    ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        states = bundle.model.encode_tokens(tok, val, mb)  # (B, L, D)
+        val = bundle.model.input_valid(val, mb)  # (B, L)
+        out = {"embedding": bundle.model.pool(states, val).float().cpu().numpy()}
+        for t in targets:  # one decoder pass per target, as in generate_from_tokens
+            lg = bundle.model.decode_logits(states, val, [t])[t].float().cpu().double()  # (B, V)
+            temperature = float(bundle.meta.get("temperature", 1.0)) if t == REDSHIFT else 1.0
+            column = _column(bundle, t)
+            summary = summarize((lg / temperature).softmax(dim=1).numpy(), bundle.tokenizer.edges[column],
+                                bundle.tokenizer.centres[column])
+            out.update(summary if t == REDSHIFT else {f"{t}_{k.removeprefix('z_phot_')}": v for k, v in summary.items()})
+    empty = ~val.cpu().numpy().any(axis=1)
+    for v in out.values():
+        v[empty] = np.nan
+    return out
 
 
 # ---- iterative masked decoding (MaskGIT / ROAR) -------------------------------------------------

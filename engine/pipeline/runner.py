@@ -21,10 +21,11 @@ import engine
 from engine.cluster import embed_stage_resources
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
-from engine.modalities import Z_PHOT_COLUMNS
 from engine.pipeline.duplicates import DuplicateCounter
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
-from engine.pipeline.stages import ID, PASSTHROUGH, SOURCE_PATH, UNIT, EmbedStage, TokenizeStage, flag_legend
+from engine.pipeline.spectra import check_spectrum_field
+from engine.pipeline.stages import (ID, PASSTHROUGH, SOURCE_PATH, UNIT, EmbedStage, TokenizeStage, flag_legend,
+                                    predicted_columns, token_inputs)
 from engine.pipeline.units import (LEDGER_KEY, UnitCounts, UnitProgress, check_file, committed_units,
                                    failure_reason, read_unit_ids, verify_unit)
 from engine.pipeline.write import FragmentWriter, commit
@@ -78,7 +79,7 @@ def output_schema(bundle: ModelBundle, with_radec: bool, metadata: dict) -> pa.S
     fields = [pa.field(ID, pa.int64(), nullable=False)]
     fields += [pa.field(c, pa.float64()) for c in PASSTHROUGH if with_radec]
     fields.append(pa.field("embedding", pa.list_(pa.float32(), bundle.embedding_dim)))
-    fields += [pa.field(c, pa.float32()) for c in Z_PHOT_COLUMNS]
+    fields += [pa.field(c, pa.float32()) for c in predicted_columns(bundle.config)]
     fields.append(pa.field("flags", pa.int32()))
     return pa.schema(fields, metadata={"engine": json.dumps(metadata)})
 
@@ -168,18 +169,23 @@ class _Ledger:
 def run_embed(cfg: EmbedConfig) -> dict:
     t0 = time.perf_counter()
     bundle = load_bundle(cfg.model_dir)  # fails early on a bad model dir
-    unknown = sorted(set(cfg.columns) - set(bundle.config.input_modalities))
+    readable = list(bundle.config.input_modalities) + list(bundle.config.token_sizes)
+    unknown = sorted(k for k in cfg.columns if k.split(".")[0] not in readable)
     if unknown:
-        raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {list(bundle.config.input_modalities)}")
+        raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {readable}")
     inputs = {m: cfg.columns.get(m, c) for m, c in bundle.input_columns.items()}
-    required = {cfg.id_column: "object id (int64)", **{c: f"input {m}" for m, c in inputs.items()}}
+    spectra = token_inputs(bundle.config, cfg.columns)  # token modality -> its catalogue columns ({} scalar-only)
+    required = {cfg.id_column: "object id (int64)", **{c: f"input {m}" for m, c in inputs.items()},
+                **{s.redshift: f"{m} redshift" for m, s in spectra.items() if s.redshift}}
+    spectrum_fields = {c: f"{m} {f}" for m, s in spectra.items() for f, c in s.fields.items() if f != "redshift"}
     exists = _table_exists(cfg.out)
     if exists and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--out {cfg.out} already holds a Lance table; pass --resume to finish it or --overwrite to replace it")
 
     catalog, failed = open_catalog(list(cfg.catalog))
     for f in catalog.files:
-        reason = check_file(f, required)
+        reason = check_file(f, required) or next(
+            filter(None, (check_spectrum_field(f.schema, c, role) for c, role in spectrum_fields.items())), None)
         if reason:
             failed[f.path] = reason
     n_units = len(catalog.files) + len(failed) - sum(1 for f in catalog.files if f.path in failed)
@@ -191,7 +197,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
     with_radec = catalog.has_columns(list(PASSTHROUGH))
     metadata = {
         "engine_version": engine.__version__, "model_id": bundle.meta["model_id"], "model_version": bundle.meta["version"],
-        "input_columns": inputs, "flags": flag_legend(bundle.config.input_modalities), "run_config": cfg.to_json(),
+        "input_columns": {**inputs, **{m: s.fields for m, s in spectra.items()}},
+        "flags": flag_legend(bundle.config), "run_config": cfg.to_json(),
         "created_unix": time.time(),
     }
     schema = output_schema(bundle, with_radec, metadata)
@@ -211,7 +218,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
             ledger.ready.append(ledger.units[f.path])  # empty file: a unit with nothing to write
 
     if todo:
-        _run_dataset(cfg, catalog.filesystem, [f.path for f in todo], inputs, with_radec, schema, ledger)
+        read = [*inputs.values(), *(c for s in spectra.values() for c in s.read)]
+        _run_dataset(cfg, catalog.filesystem, [f.path for f in todo], read, with_radec, schema, ledger)
     ledger.finish()
     failed.update(ledger.failed)
     summary = _summary(cfg, bundle, catalog, ledger, failed, done, t0)
@@ -220,10 +228,10 @@ def run_embed(cfg: EmbedConfig) -> dict:
     return summary
 
 
-def _run_dataset(cfg, filesystem, paths, inputs, with_radec, schema, ledger) -> None:
+def _run_dataset(cfg, filesystem, paths, input_columns, with_radec, schema, ledger) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = -1  # a failing file must not stop the others; its unit stays uncommitted
-    read_cols = list(dict.fromkeys([cfg.id_column, *inputs.values(), *(PASSTHROUGH if with_radec else ())]))
+    read_cols = list(dict.fromkeys([cfg.id_column, *input_columns, *(PASSTHROUGH if with_radec else ())]))
     res = embed_stage_resources(cfg)  # one source for what each stage asks of the cluster
     ledger.paths = paths  # the writer reports units by their index in this list
     ds = ray.data.from_items([{SOURCE_PATH: p, UNIT: i} for i, p in enumerate(paths)], override_num_blocks=len(paths))

@@ -13,8 +13,11 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from engine.errors import CatalogError
+from engine.errors import CatalogError, ConfigError
 from engine.modalities import Z_PHOT_COLUMNS
+from engine.model.config import ModelConfig
+from engine.model.redshift import REDSHIFT
+from engine.pipeline.spectra import SPECTRUM_FLAGS, SpectrumColumns, spectrum_columns, tokenize_spectra
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +25,41 @@ ID = "object_id"
 PASSTHROUGH = ("ra", "dec")
 UNIT, SOURCE_PATH = "unit", "path"  # internal: each row's input file, as an int32 index into the job's file list
 NO_VALID_INPUT = 1 << 16  # flags bit: no usable input at all (embedding and z_phot are NaN)
+PRED_SUMMARIES = ("median", "std")  # written as <target>_pred, <target>_pred_std for non-redshift scalar targets
 
 
-def flag_legend(input_modalities: tuple[str, ...]) -> dict[str, int]:
-    """Bit value of each flag: bit i = input i missing/invalid, then NO_VALID_INPUT."""
-    return {**{f"missing_{m}": 1 << i for i, m in enumerate(input_modalities)}, "no_valid_input": NO_VALID_INPUT}
+def flag_legend(config: ModelConfig) -> dict[str, int]:
+    """Bit value of each flag: bit i = input i missing/invalid (scalar inputs, then token modalities, model
+    order), NO_VALID_INPUT, and for models reading spectra the bad-spectrum reasons (engine.pipeline.spectra)."""
+    inputs = config.input_modalities + tuple(config.token_sizes)
+    legend = {**{f"missing_{m}": 1 << i for i, m in enumerate(inputs)}, "no_valid_input": NO_VALID_INPUT}
+    return {**legend, **SPECTRUM_FLAGS} if config.token_modalities else legend
+
+
+def pred_column(target: str, summary: str) -> str:
+    return f"{target}_pred" if summary == "median" else f"{target}_pred_{summary}"
+
+
+def predicted_columns(config: ModelConfig) -> tuple[str, ...]:
+    """Per-object prediction columns written beside the embedding, decided by the model: ``z_phot_*`` when it
+    predicts redshift; a model with token modalities (any-to-any) also writes ``<t>_pred`` (median of p) and
+    ``<t>_pred_std`` for each other scalar target (e.g. teff_pred). Scalar-only models write z_phot_* only."""
+    cols = tuple(Z_PHOT_COLUMNS) if REDSHIFT in config.target_modalities or not config.token_modalities else ()
+    if config.token_modalities:
+        cols += tuple(pred_column(t, k) for t in config.target_modalities if t != REDSHIFT for k in PRED_SUMMARIES)
+    return cols
+
+
+def token_inputs(config: ModelConfig, columns: dict[str, str] | None) -> dict[str, SpectrumColumns]:
+    """Token modality -> its catalogue columns; only spectra can be read from a catalogue so far."""
+    from engine.modalities.registry import entry
+
+    out = {}
+    for name in config.token_sizes:
+        if entry(name).kind != "spectrum":
+            raise ConfigError(f"token modality {name!r} is a {entry(name).kind}; the embed job reads spectra only so far")
+        out[name] = spectrum_columns(name, columns or {})
+    return out
 
 
 def _require(batch: pa.Table, columns: list[str], stage: str) -> None:
@@ -58,19 +91,25 @@ def _fault_injection() -> None:
 
 
 class TokenizeStage:
-    """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]) and ``flags``."""
+    """Catalogue rows -> ``object_id``, passthrough columns, ``tokens`` (FSL int32[T]), ``flags`` and, for a
+    model with token modalities, one FSL int32[N] column per modality (named after it)."""
 
     def __init__(self, model_dir: str, id_column: str = ID, columns: dict[str, str] | None = None) -> None:
-        from engine.model.files import load_tokenizer  # torch-free: tokenizer, read and write workers never import torch
+        # torch-free: tokenizer, read and write workers never import torch
+        from engine.model.files import load_token_tokenizers, load_tokenizer, model_config
 
         self.tokenizer, inputs = load_tokenizer(model_dir)  # no model weights in tokenizer actors
         self.modalities = tuple(inputs)
         self.tok_columns = list(inputs.values())  # tokenizer's own names
         self.cat_columns = [(columns or {}).get(m, c) for m, c in zip(self.modalities, self.tok_columns)]
         self.id_column = id_column
+        config, path = model_config(model_dir)
+        self.spectra = token_inputs(config, columns)  # {} for scalar-only models: their path is unchanged
+        self.token_tokenizers = load_token_tokenizers(path, config) if self.spectra else {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, [self.id_column, *self.cat_columns], "tokenize stage")
+        spec_cols = [c for cols in self.spectra.values() for c in cols.read]
+        _require(batch, [self.id_column, *self.cat_columns, *spec_cols], "tokenize stage")
         values = {}
         for tok_col, cat_col in zip(self.tok_columns, self.cat_columns):
             col = batch.column(cat_col)
@@ -80,24 +119,37 @@ class TokenizeStage:
         n_in = len(self.modalities)
         tokens, missing = enc.tokens[:, :n_in], enc.missing[:, :n_in]
         flags = (missing.astype(np.int64) << np.arange(n_in)).sum(axis=1)
-        flags[missing.all(axis=1)] |= NO_VALID_INPUT
+        no_input = missing.all(axis=1)
+        extra = {}
+        if self.spectra:
+            from engine.modalities.registry import entry
+
+            for bit, (name, cols) in enumerate(self.spectra.items(), start=n_in):
+                rows = tokenize_spectra(batch, cols, self.token_tokenizers[name], entry(name).survey)
+                flags |= (rows.missing.astype(np.int64) << bit) | rows.flags
+                no_input &= rows.missing
+                extra[name] = fixed_size_list(rows.tokens, pa.int32())
+        flags[no_input] |= NO_VALID_INPUT
         out = {ID: batch.column(self.id_column).cast(pa.int64())}
         out.update({c: batch.column(c).cast(pa.float64()) for c in PASSTHROUGH if c in batch.column_names})
         if UNIT in batch.column_names:
             out[UNIT] = batch.column(UNIT)
         out["tokens"] = fixed_size_list(tokens, pa.int32())
+        out.update(extra)
         out["flags"] = pa.array(flags.astype(np.int32))
         return pa.table(out)
 
 
 class EmbedStage:
-    """Tokens -> ``embedding`` (FSL float32[D]) and the ``z_phot_*`` columns, on GPU when given one."""
+    """Tokens -> ``embedding`` (FSL float32[D]) and the model's prediction columns (``predicted_columns``:
+    ``z_phot_*``, ``<target>_pred``), on GPU when given one."""
 
     def __init__(self, model_dir: str, precision: str = "auto", use_gpu: bool = False, threads: int | None = None) -> None:
         from engine.model.noop import NOOP, load_noop
 
         if model_dir == NOOP:  # no torch at all: the no-op model measures the engine alone
             self.bundle, self.device, self.autocast = load_noop(), "cpu", None
+            self.token_modalities, self.columns = (), predicted_columns(self.bundle.config)
             return
         import torch
 
@@ -107,19 +159,32 @@ class EmbedStage:
             torch.set_num_threads(threads)
         self.device, self.autocast = resolve_device_dtype(precision, use_gpu)
         self.bundle = load_bundle(model_dir).to(self.device)
+        self.token_modalities = tuple(self.bundle.config.token_sizes)
+        self.columns = predicted_columns(self.bundle.config)
         log.info("model %s on %s (autocast %s)", self.bundle.model_id, self.device, self.autocast)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require(batch, [ID, "tokens", "flags"], "embed stage")
+        _require(batch, [ID, "tokens", "flags", *self.token_modalities], "embed stage")
         _fault_injection()
         tokens = to_matrix(batch.column("tokens"), np.int64)
         valid = tokens != self.bundle.tokenizer.missing_token
-        pred = self.bundle.predict(tokens, valid, self.autocast)
+        if self.token_modalities:  # decided once per batch: scalar-only models never reach this
+            pred = self._predict_multi(batch, tokens, valid)
+        else:
+            pred = self.bundle.predict(tokens, valid, self.autocast)
         out = {ID: batch.column(ID)}
         out.update({c: batch.column(c) for c in PASSTHROUGH if c in batch.column_names})
         out["embedding"] = fixed_size_list(pred["embedding"].astype(np.float32), pa.float32())
-        out.update({c: pa.array(pred[c], pa.float32()) for c in Z_PHOT_COLUMNS})
+        out.update({c: pa.array(pred[c], pa.float32()) for c in self.columns})
         out["flags"] = batch.column("flags")
         if UNIT in batch.column_names:
             out[UNIT] = batch.column(UNIT)
         return pa.table(out)
+
+    def _predict_multi(self, batch: pa.Table, tokens: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        from engine.model.generate import predict_scalars, stack_multi
+
+        multi = stack_multi(self.bundle, {m: to_matrix(batch.column(m), np.int64) for m in self.token_modalities})
+        targets = self.bundle.config.target_modalities
+        pred = predict_scalars(self.bundle, tokens, valid, multi, targets, self.autocast)
+        return {**pred, **{pred_column(t, k): pred[f"{t}_{k}"] for t in targets if t != REDSHIFT for k in PRED_SUMMARIES}}
