@@ -13,10 +13,15 @@ Pipeline (all batch-vectorised over rows):
    codebook centroid with the smallest ivar-weighted squared distance over its valid pixels
    (a chi^2 fit, so masked pixels never influence a token). A patch with no valid pixel gets
    ``missing_token``. With ``n_stages > 1`` further codebooks encode the residual (residual VQ).
+5. optional hybrid codec (``global_tokens = G > 0``): before step 4, G tokens quantise the chi^2-fitted
+   coefficients of a global basis (PCA of the normalised training spectra), each into ``codebook_size``
+   uniform levels over its training range; the patch codebooks then code the residual. Stellar spectra are
+   low-dimensional, so a global basis captures their shape with few tokens and the patches fix the rest.
 
-Token layout per row: ``[scale, patch_0 stage_0, .., patch_0 stage_{S-1}, patch_1 stage_0, ..]`` in
-one vocabulary: codebook tokens ``0 .. S*K-1`` (stage s uses ``s*K .. (s+1)*K-1``), the missing
-token ``S*K``, then the scale tokens ``S*K+1 ..``. A row with no valid pixel is returned with
+Token layout per row: ``[scale, global_0 .. global_{G-1}, patch_0 stage_0, .., patch_0 stage_{S-1},
+patch_1 stage_0, ..]`` in one vocabulary: codebook tokens ``0 .. S*K-1`` (stage s uses ``s*K .. (s+1)*K-1``),
+with G > 0 the global coefficient levels ``S*K .. S*K+K-1`` (shared by every coefficient), then the
+missing token, then the scale tokens. A row with no valid pixel is returned with
 ``valid == False`` and every token (scale included) missing -- an all-masked spectrum is a per-row
 flag, not an error.
 """
@@ -37,7 +42,8 @@ from engine.tokenizers.scalar import Reservoir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: global_tokens (hybrid codec); version-1 files still load
+LOADABLE_VERSIONS = (1, 2)
 FRAMES = ("rest", "observed")
 # Strong night-sky emission lines (air, Angstrom): [O I] 5577, Na D 5890/5896, [O I] 6300/6364.
 DEFAULT_SKY_LINES_AA = (5577.34, 5889.95, 5895.92, 6300.30, 6363.78)
@@ -61,6 +67,8 @@ class SpectrumTokenizerConfig:
     max_patches: int = 200_000
     kmeans_niter: int = 20
     seed: int = 0
+    global_tokens: int = 0  # > 0: hybrid codec, that many quantised global-basis coefficients first
+    max_global_spectra: int = 5_000  # reservoir of whole spectra the global basis is fitted on
 
     def __post_init__(self) -> None:
         def bad(field, value, allowed):
@@ -84,6 +92,10 @@ class SpectrumTokenizerConfig:
             bad("max_patches", self.max_patches, f">= codebook_size={self.codebook_size}")
         if self.kmeans_niter < 1:
             bad("kmeans_niter", self.kmeans_niter, ">= 1")
+        if not 0 <= self.global_tokens <= min(self.n_pixels, 4096):
+            bad("global_tokens", self.global_tokens, f"0..{min(self.n_pixels, 4096)}")
+        if self.max_global_spectra < max(self.global_tokens, 1):
+            bad("max_global_spectra", self.max_global_spectra, f">= max(global_tokens, 1)={max(self.global_tokens, 1)}")
 
     @property
     def n_patches(self) -> int:
@@ -91,8 +103,8 @@ class SpectrumTokenizerConfig:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens per spectrum: one scale token plus n_stages per patch."""
-        return 1 + self.n_patches * self.n_stages
+        """Tokens per spectrum: one scale token, global_tokens, then n_stages per patch."""
+        return 1 + self.global_tokens + self.n_patches * self.n_stages
 
     def latent_wavelength_aa(self) -> np.ndarray:
         return np.geomspace(self.wave_min_aa, self.wave_max_aa, self.n_pixels)
@@ -196,6 +208,66 @@ def kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     return km.centroids.astype(np.float64)
 
 
+@dataclass(frozen=True)
+class GlobalBasis:
+    """Global basis of the hybrid codec: mean + quantised coefficients @ basis, in normalised flux."""
+
+    mean: np.ndarray  # (M,)
+    basis: np.ndarray  # (G, M), orthonormal rows
+    lo: np.ndarray  # (G,) training range of each coefficient
+    hi: np.ndarray  # (G,)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, w: np.ndarray, n_comp: int) -> "GlobalBasis":
+        """PCA of (N, M) normalised spectra (invalid pixels take the pixel mean); coefficient ranges from
+        the same chi^2 fit that encode uses."""
+        good = w > 0
+        mean = np.where(good, x, 0.0).sum(0) / np.maximum(good.sum(0), 1)
+        _, _, vt = np.linalg.svd(np.where(good, x, mean) - mean, full_matrices=False)  # vt (min(N, M), M)
+        basis = np.zeros((n_comp, x.shape[1]))
+        basis[: min(n_comp, len(vt))] = vt[:n_comp]  # fewer spectra than components: the rest stay 0
+        c = cls(mean, basis, np.zeros(n_comp), np.zeros(n_comp)).coefficients(x, w)
+        return cls(mean, basis, c.min(0), c.max(0))
+
+    def coefficients(self, x: np.ndarray, w: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """chi^2 fit: argmin_c sum_m w (x - mean - c @ basis)^2 per row; (N, M) -> (N, G)."""
+        g = len(self.basis)
+        out = np.zeros((len(x), g))
+        # rows with one weight everywhere (e.g. MILES: constant sigma, no mask): orthonormal basis -> projection
+        flat = (w == w[:, :1]).all(axis=1) & (w[:, 0] > 0)
+        out[flat] = (x[flat] - self.mean) @ self.basis.T
+        for s in range(0, len(x), chunk):
+            if flat[s : s + chunk].all():
+                continue
+            ws = w[s : s + chunk]
+            a = (self.basis[None] * ws[:, None, :]) @ self.basis.T  # (n, G, G)
+            a += (1e-9 * np.maximum(np.trace(a, axis1=1, axis2=2), 1e-12) / g)[:, None, None] * np.eye(g)
+            b = (ws * (x[s : s + chunk] - self.mean)) @ self.basis.T  # (n, G)
+            c = np.linalg.solve(a, b[..., None])[..., 0]
+            out[s : s + chunk] = np.where(flat[s : s + chunk, None], out[s : s + chunk], c)
+        return out
+
+    def quantise(self, c: np.ndarray, levels: int) -> np.ndarray:
+        """(N, G) coefficients -> (N, G) level indices in 0..levels-1 (clipped to the training range)."""
+        step = np.where(self.hi > self.lo, (self.hi - self.lo) / (levels - 1), 1.0)
+        return np.clip(np.round((c - self.lo) / step), 0, levels - 1).astype(np.int64)
+
+    def reconstruct(self, q: np.ndarray, levels: int) -> np.ndarray:
+        """(N, G) level indices -> (N, M) normalised flux."""
+        step = np.where(self.hi > self.lo, (self.hi - self.lo) / (levels - 1), 1.0)
+        return self.mean + (self.lo + q * step) @ self.basis
+
+
+def fit_residual_codebooks(x: np.ndarray, cfg: SpectrumTokenizerConfig) -> np.ndarray:
+    """Residual k-means: stage s clusters what stages < s left; (P, L) patches -> (n_stages, K, L)."""
+    books = []
+    for stage in range(cfg.n_stages):
+        book = kmeans(x, cfg.codebook_size, cfg.kmeans_niter, cfg.seed + stage)
+        books.append(book)
+        x = x - book[nearest(x, np.ones_like(x), book)]
+    return np.stack(books)
+
+
 class RowReservoir:
     """Seeded uniform sample of at most ``capacity`` rows from a stream of (n, d) chunks (Algorithm R)."""
 
@@ -224,15 +296,20 @@ class SpectrumTokenizer:
     Config = SpectrumTokenizerConfig
 
     def __init__(self, config: SpectrumTokenizerConfig, codebooks: np.ndarray | None = None,
-                 scale_edges: np.ndarray | None = None) -> None:
+                 scale_edges: np.ndarray | None = None, global_basis: GlobalBasis | None = None) -> None:
         self.config = config
         self.codebooks = codebooks  # (n_stages, K, patch_length)
         self.scale_edges = scale_edges  # (n_scale_bins + 1,) log10 scale
+        self.global_basis = global_basis  # hybrid codec only (global_tokens > 0)
 
     # ---- vocabulary ------------------------------------------------------------------------------
     @property
-    def missing_token(self) -> int:
+    def global_offset(self) -> int:
         return self.config.n_stages * self.config.codebook_size
+
+    @property
+    def missing_token(self) -> int:
+        return self.global_offset + (self.config.codebook_size if self.config.global_tokens else 0)
 
     @property
     def scale_offset(self) -> int:
@@ -252,7 +329,8 @@ class SpectrumTokenizer:
 
     @property
     def is_fitted(self) -> bool:
-        return self.codebooks is not None and self.scale_edges is not None
+        hybrid_ok = self.global_basis is not None or not self.config.global_tokens
+        return self.codebooks is not None and self.scale_edges is not None and hybrid_ok
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -264,34 +342,53 @@ class SpectrumTokenizer:
         fully valid patches (``max_patches``) and log10 scales."""
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
-        pool = RowReservoir(cfg.max_patches, cfg.patch_length, rng)
+        hybrid = cfg.global_tokens > 0
+        pool = RowReservoir(cfg.max_global_spectra if hybrid else cfg.max_patches,
+                            2 * cfg.n_pixels if hybrid else cfg.patch_length, rng)
         scales = Reservoir(cfg.max_patches, rng)
         n_rows = 0
         for batch in batches:
             latent = to_latent(batch, cfg)
             x, w = patches(latent, cfg)
-            full = (w > 0).all(axis=2) & latent.valid[:, None]
-            pool.add(x[full])
+            if hybrid:  # whole spectra [flux | ivar], (n, 2M)
+                pool.add(np.hstack([x.reshape(batch.n_rows, -1), w.reshape(batch.n_rows, -1)])[latent.valid])
+            else:
+                full = (w > 0).all(axis=2) & latent.valid[:, None]
+                pool.add(x[full])
             scales.add(np.log10(latent.scale[latent.valid]))
             n_rows += batch.n_rows
-        if pool.size < cfg.codebook_size:
+        x = pool.sample()
+        if hybrid:
+            x = self._fit_global(x[:, : cfg.n_pixels], x[:, cfg.n_pixels :], rng)
+        if len(x) < cfg.codebook_size:
             raise CodecError(
                 f"SpectrumTokenizer.fit: expected >= codebook_size={cfg.codebook_size} fully valid patches, "
-                f"got {pool.size} from {n_rows} spectra; give more spectra or a smaller codebook"
+                f"got {len(x)} from {n_rows} spectra; give more spectra or a smaller codebook"
             )
         log.info("fitting %d x %d-entry codebook(s) on %d patches from %d spectra",
-                 cfg.n_stages, cfg.codebook_size, pool.size, n_rows)
-        x = pool.sample()
-        books = []
-        for stage in range(cfg.n_stages):
-            book = kmeans(x, cfg.codebook_size, cfg.kmeans_niter, cfg.seed + stage)
-            books.append(book)
-            x = x - book[nearest(x, np.ones_like(x), book)]
-        self.codebooks = np.stack(books)
+                 cfg.n_stages, cfg.codebook_size, len(x), n_rows)
+        self.codebooks = fit_residual_codebooks(x, cfg)
         s = scales.sample()
         lo, hi = float(s.min()) - cfg.scale_margin_dex, float(s.max()) + cfg.scale_margin_dex
         self.scale_edges = np.linspace(lo, hi if hi > lo else lo + 1.0, cfg.n_scale_bins + 1)
         return self
+
+    def _fit_global(self, x: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Fit the global basis on (N, M) spectra; return the fully valid residual patches (P, L),
+        at most ``max_patches`` of them, for the patch codebooks."""
+        cfg = self.config
+        if len(x) == 0:
+            raise CodecError("SpectrumTokenizer.fit: expected >= 1 valid spectrum for the global basis, got 0")
+        log.info("fitting a %d-component global basis on %d spectra", cfg.global_tokens, len(x))
+        gb = GlobalBasis.fit(x, w, cfg.global_tokens)
+        self.global_basis = gb
+        q = gb.quantise(gb.coefficients(x, w), cfg.codebook_size)
+        shape = (len(x), cfg.n_patches, cfg.patch_length)
+        r = (x - gb.reconstruct(q, cfg.codebook_size)).reshape(shape)
+        r = r[(w.reshape(shape) > 0).all(axis=2)]
+        if len(r) > cfg.max_patches:
+            r = r[np.sort(rng.choice(len(r), cfg.max_patches, replace=False))]
+        return r
 
     # ---- encode / decode -------------------------------------------------------------------------
     def encode(self, batch: SpectrumBatch) -> SpectrumTokens:
@@ -299,7 +396,13 @@ class SpectrumTokenizer:
         cfg = self.config
         latent = to_latent(batch, cfg)
         x, w = patches(latent, cfg)
-        n = batch.n_rows
+        n, g = batch.n_rows, cfg.global_tokens
+        tokens = np.empty((n, cfg.n_tokens), dtype=np.int32)
+        if g:
+            gb = self.global_basis
+            q = gb.quantise(gb.coefficients(x.reshape(n, -1), w.reshape(n, -1)), cfg.codebook_size)  # (n, G)
+            x = x - gb.reconstruct(q, cfg.codebook_size).reshape(x.shape)
+            tokens[:, 1 : 1 + g] = np.where(latent.valid[:, None], self.global_offset + q, self.missing_token)
         flat_x, flat_w = x.reshape(-1, cfg.patch_length), w.reshape(-1, cfg.patch_length)
         codes = np.empty((n * cfg.n_patches, cfg.n_stages), dtype=np.int64)
         for stage, book in enumerate(self.codebooks):
@@ -308,8 +411,7 @@ class SpectrumTokenizer:
             flat_x = flat_x - book[k]
         empty = ~(w > 0).any(axis=2).reshape(-1) | np.repeat(~latent.valid, cfg.n_patches)
         codes[empty] = self.missing_token
-        tokens = np.empty((n, cfg.n_tokens), dtype=np.int32)
-        tokens[:, 1:] = codes.reshape(n, -1)
+        tokens[:, 1 + g :] = codes.reshape(n, -1)
         log_s = np.log10(np.where(latent.valid, latent.scale, 1.0))
         bins = np.searchsorted(self.scale_edges[1:-1], log_s, side="right")
         outside = latent.valid & ((log_s < self.scale_edges[0]) | (log_s > self.scale_edges[-1]))
@@ -328,8 +430,14 @@ class SpectrumTokenizer:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] != cfg.n_tokens:
             raise ModalityError(f"SpectrumTokenizer.decode: expected tokens of shape (N, {cfg.n_tokens}), got {tokens.shape}")
-        codes = tokens[:, 1:].reshape(len(tokens), cfg.n_patches, cfg.n_stages)
-        flux = np.zeros((len(tokens), cfg.n_patches, cfg.patch_length))
+        n, g = len(tokens), cfg.global_tokens
+        codes = tokens[:, 1 + g :].reshape(n, cfg.n_patches, cfg.n_stages)
+        flux = np.zeros((n, cfg.n_patches, cfg.patch_length))
+        if g:
+            gq = tokens[:, 1 : 1 + g]
+            q = np.clip(gq - self.global_offset, 0, cfg.codebook_size - 1)
+            flux += self.global_basis.reconstruct(q, cfg.codebook_size).reshape(flux.shape)
+            flux[(gq == self.missing_token).any(axis=1)] = np.nan
         for stage, book in enumerate(self.codebooks):
             k = codes[:, :, stage] - stage * cfg.codebook_size
             flux += book[np.clip(k, 0, cfg.codebook_size - 1)]
@@ -356,8 +464,10 @@ class SpectrumTokenizer:
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
         state = {"kind": "spectrum", "format_version": FORMAT_VERSION, "config": cfg}
         (d / "tokenizer.json").write_text(json.dumps(state, indent=1))
-        save_file({"codebooks": np.ascontiguousarray(self.codebooks), "scale_edges": self.scale_edges},
-                  str(d / "tokenizer.safetensors"))
+        arrays = {"codebooks": np.ascontiguousarray(self.codebooks), "scale_edges": self.scale_edges}
+        if self.global_basis is not None:
+            arrays.update({f"global_{k}": np.ascontiguousarray(v) for k, v in asdict(self.global_basis).items()})
+        save_file(arrays, str(d / "tokenizer.safetensors"))
 
     @classmethod
     def load(cls, directory: str | Path) -> "SpectrumTokenizer":
@@ -367,12 +477,15 @@ class SpectrumTokenizer:
         if not (d / "tokenizer.json").is_file() or not (d / "tokenizer.safetensors").is_file():
             raise CodecError(f"no saved spectrum tokenizer in {d}: expected tokenizer.json and tokenizer.safetensors")
         state = json.loads((d / "tokenizer.json").read_text())
-        if state.get("kind") != "spectrum" or state.get("format_version") != FORMAT_VERSION:
+        if state.get("kind") != "spectrum" or state.get("format_version") not in LOADABLE_VERSIONS:
             raise CodecError(
                 f"{d}: saved tokenizer has kind={state.get('kind')!r} format_version={state.get('format_version')!r}; "
-                f"expected kind='spectrum' format_version={FORMAT_VERSION}"
+                f"expected kind='spectrum' format_version in {LOADABLE_VERSIONS}"
             )
         raw = dict(state["config"])
         raw["sky_lines_aa"] = tuple(raw["sky_lines_aa"])
         arrays = load_file(str(d / "tokenizer.safetensors"))
-        return cls(SpectrumTokenizerConfig(**raw), arrays["codebooks"], arrays["scale_edges"])
+        gb = None
+        if "global_mean" in arrays:
+            gb = GlobalBasis(*(arrays[f"global_{k}"] for k in ("mean", "basis", "lo", "hi")))
+        return cls(SpectrumTokenizerConfig(**raw), arrays["codebooks"], arrays["scale_edges"], gb)
