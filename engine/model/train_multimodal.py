@@ -84,11 +84,12 @@ class MultimodalTrainConfig:
 def read_miles_params(path: str | Path) -> pa.Table:
     """MILES_params.db (``star Teff logg [Fe/H]`` per line, ``#`` comments) -> object_id, teff, logg, feh.
 
-    Unfitted parameters (written 99999 / 9999 in the file) become NaN."""
+    Unfitted parameters (Teff written 99999; logg and [Fe/H] written 9999) become NaN. Hot stars keep
+    their real Teff (10,000-36,000 K): only the exact placeholder means "unfitted"."""
     raw = np.loadtxt(path, comments="#", dtype=np.float64, ndmin=2)
     if raw.shape[1] != 4:
         raise CatalogError(f"{path}: expected 4 columns (star, Teff, logg, [Fe/H]), got {raw.shape[1]}")
-    vals = np.where(np.abs(raw[:, 1:]) >= 9999, np.nan, raw[:, 1:])
+    vals = np.where(raw[:, 1:] == np.array([99999.0, 9999.0, 9999.0]), np.nan, raw[:, 1:])
     return pa.table({"object_id": raw[:, 0].astype(np.int64), "teff": vals[:, 0], "logg": vals[:, 1], "feh": vals[:, 2]})
 
 
