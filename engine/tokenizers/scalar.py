@@ -81,12 +81,15 @@ def missing_mask(values: np.ndarray, sentinels: Iterable[float]) -> np.ndarray:
 
 
 class Reservoir:
-    """Uniform fixed-size sample of a stream (Algorithm R, vectorised per chunk; seeded)."""
+    """Uniform fixed-size sample of a stream (Algorithm R, vectorised per chunk; seeded).
 
-    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+    Samples values, or with ``dim`` rows of ``dim`` values (chunks of shape (n, dim)).
+    """
+
+    def __init__(self, capacity: int, rng: np.random.Generator, dim: int | None = None) -> None:
         self.capacity = capacity
         self.rng = rng
-        self.values = np.empty(capacity, dtype=np.float64)
+        self.values = np.empty(capacity if dim is None else (capacity, dim), dtype=np.float64)
         self.size = 0
         self.seen = 0
 

@@ -27,7 +27,7 @@ import numpy as np
 from engine.errors import CodecError, ConfigError, ModalityError
 from engine.modalities.spectra import LightCurves, XPCoefficients
 from engine.tokenizers.scalar import Reservoir
-from engine.tokenizers.spectrum import RowReservoir, kmeans, nearest
+from engine.tokenizers.spectrum import kmeans, nearest
 
 FORMAT_VERSION = 1
 MODES = {"position_bins": XPCoefficients, "kmeans": LightCurves}
@@ -132,7 +132,7 @@ class SequenceTokenizer:
                 raise CodecError("SequenceTokenizer.fit: expected finite values at position 0, got none")
             self.arrays = {"edges": edges, "centres": centres}
             return self
-        pool = RowReservoir(cfg.max_values, 3, rng)
+        pool = Reservoir(cfg.max_values, rng, dim=3)
         for seq in batches:
             self._check(seq)
             f = lc_features(seq)

@@ -268,30 +268,6 @@ def fit_residual_codebooks(x: np.ndarray, cfg: SpectrumTokenizerConfig) -> np.nd
     return np.stack(books)
 
 
-class RowReservoir:
-    """Seeded uniform sample of at most ``capacity`` rows from a stream of (n, d) chunks (Algorithm R)."""
-
-    def __init__(self, capacity: int, dim: int, rng: np.random.Generator) -> None:
-        self.rows = np.empty((capacity, dim))
-        self.capacity, self.rng, self.size, self.seen = capacity, rng, 0, 0
-
-    def add(self, chunk: np.ndarray) -> None:
-        fill = min(self.capacity - self.size, len(chunk))
-        self.rows[self.size : self.size + fill] = chunk[:fill]
-        self.size += fill
-        self.seen += fill
-        rest = chunk[fill:]
-        if len(rest):
-            t = self.seen + np.arange(1, len(rest) + 1)
-            j = np.floor(self.rng.random(len(rest)) * t).astype(np.int64)
-            keep = j < self.capacity
-            self.rows[j[keep]] = rest[keep]
-            self.seen += len(rest)
-
-    def sample(self) -> np.ndarray:
-        return self.rows[: self.size]
-
-
 class SpectrumTokenizer:
     Config = SpectrumTokenizerConfig
 
@@ -343,8 +319,8 @@ class SpectrumTokenizer:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         hybrid = cfg.global_tokens > 0
-        pool = RowReservoir(cfg.max_global_spectra if hybrid else cfg.max_patches,
-                            2 * cfg.n_pixels if hybrid else cfg.patch_length, rng)
+        pool = Reservoir(cfg.max_global_spectra if hybrid else cfg.max_patches, rng,
+                         dim=2 * cfg.n_pixels if hybrid else cfg.patch_length)
         scales = Reservoir(cfg.max_patches, rng)
         n_rows = 0
         for batch in batches:
