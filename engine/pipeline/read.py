@@ -1,7 +1,8 @@
 """Resolve catalogue inputs (paths, globs, directories, fsspec/pyarrow URIs) and check them before any work.
 
-Every file's Parquet footer is read up front: a missing or non-numeric required column fails
-the job here, naming the file, the column and what is expected.
+Every file's Parquet footer or FITS header is read up front: a missing or non-numeric required column
+fails the job here, naming the file, the column and what is expected. FITS binary tables come through
+as Arrow: vector columns (TFORM ``4300E``) as fixed_size_list, variable-length arrays (``PE()``) as list.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from astropy.io import fits
+from astropy.io.fits.column import FITS2NUMPY
 from astropy.table import Table
 
 from engine.errors import CatalogError
@@ -139,30 +141,84 @@ def _open_fits(fs: pafs.FileSystem, path: str):
 
 
 def _fits_header(fs: pafs.FileSystem, path: str) -> tuple[int, pa.Schema]:
-    """Row count and Arrow schema of the first table HDU (scalar columns; vector columns as lists)."""
+    """Row count and Arrow schema of the first table HDU (``fits_type`` of each column)."""
     with _open_fits(fs, path) as hdul:
         hdu = _fits_table_hdu(hdul)
-        dtype = hdu.columns.dtype
-        fields = []
-        for name in dtype.names:
-            base = dtype[name].base.newbyteorder("=")
-            typ = pa.string() if base.kind in "SU" else pa.from_numpy_dtype(base)
-            fields.append(pa.field(name, typ if dtype[name].shape == () else pa.list_(typ)))
+        fields = [pa.field(c.name, fits_type(c, hdu.columns.dtype[c.name])) for c in hdu.columns]
         return int(hdu.header["NAXIS2"]), pa.schema(fields)
 
 
+def _arrow_scalar(dtype: np.dtype) -> pa.DataType:
+    if dtype.kind in "SU":
+        return pa.string()
+    try:
+        return pa.from_numpy_dtype(dtype.newbyteorder("="))
+    except pa.ArrowNotImplementedError:  # complex (TFORM C, M): no Arrow type; the column cannot be read
+        return pa.null()
+
+
+def _is_variable_length(column: fits.Column) -> bool:
+    return getattr(column.format, "format", None) in ("P", "Q")  # TFORM PE(), QD(), ...
+
+
+def fits_type(column: fits.Column, dtype: np.dtype) -> pa.DataType:
+    """Arrow type of a FITS table column (``dtype``: its record dtype): a scalar as itself; a vector column
+    (TFORM ``4300E``) as fixed_size_list<float>[4300], nested once per further TDIM axis; a variable-length
+    array (``PE()``, ``QD()``, whose record holds only a length and a heap offset) as list<value>."""
+    if _is_variable_length(column):
+        return pa.list_(_arrow_scalar(np.dtype(FITS2NUMPY[column.format.p_format])))
+    typ = _arrow_scalar(dtype.base)
+    for size in reversed(dtype.shape):
+        typ = pa.list_(typ, size)
+    return typ
+
+
+def _leaf(typ: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(typ) or pa.types.is_fixed_size_list(typ):
+        typ = typ.value_type
+    return typ
+
+
+def _fits_array_column(hdu, name: str, typ: pa.DataType) -> pa.Array:
+    """A vector or variable-length column as fixed_size_list / list (native byte order; integer TNULL -> null)."""
+    column, leaf, rows = hdu.columns[name], _leaf(typ), hdu.data[name]
+    if pa.types.is_list(typ):  # variable length: each row is its own array on the heap
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+        data = np.concatenate([np.asarray(r) for r in rows] + [np.empty(0, leaf.to_pandas_dtype())])
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64()).cast(pa.int32())  # raises past 2**31
+    else:
+        data = np.asarray(rows)
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)  # FITS data are big-endian
+    null = data == column.null if data.dtype.kind in "iu" and isinstance(column.null, int) else None
+    values = pa.array(data.reshape(-1), type=leaf, mask=None if null is None or not null.any() else null.reshape(-1))
+    if pa.types.is_list(typ):
+        return pa.ListArray.from_arrays(offsets, values)
+    for size in reversed(data.shape[1:]):
+        values = pa.FixedSizeListArray.from_arrays(values, size)
+    return values
+
+
 def read_fits(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
-    """The named scalar columns of a FITS table as Arrow (native byte order; masked/TNULL values -> null)."""
+    """The named columns of a FITS table as Arrow, typed as ``fits_type`` says: scalars (masked/TNULL/NaN ->
+    null), vector columns as fixed_size_list, variable-length arrays as list (NaN pixels stay NaN)."""
     with _open_fits(fs, path) as hdul:
-        table = Table.read(_fits_table_hdu(hdul), mask_invalid=True)
-    arrays = {}
-    for name in columns:
-        col = table[name]
-        data = np.ma.getdata(col)
-        data = data.astype(data.dtype.newbyteorder("="), copy=False)
-        mask = np.ma.getmaskarray(col)
-        arrays[name] = pa.array(data, mask=mask if mask.any() else None)
-    return pa.table(arrays)
+        hdu = _fits_table_hdu(hdul)
+        types = {c.name: fits_type(c, hdu.columns.dtype[c.name]) for c in hdu.columns}
+        for name in columns:
+            if name not in types:
+                raise CatalogError(f"{path}: FITS table has no column {name!r}; it has {list(types)}")
+            if pa.types.is_null(_leaf(types[name])):
+                raise CatalogError(f"{path}: FITS column {name!r} (TFORM {hdu.columns[name].format}) has no Arrow "
+                                   "type (complex?); drop it from the job's columns")
+        nested = [n for n in columns if pa.types.is_nested(types[n])]
+        arrays = {n: _fits_array_column(hdu, n, types[n]) for n in nested}
+        if len(nested) < len(columns):
+            table = Table.read(hdu, mask_invalid=True)
+            for name in (n for n in columns if n not in arrays):
+                data, mask = np.ma.getdata(table[name]), np.ma.getmaskarray(table[name])
+                data = data.astype(data.dtype.newbyteorder("="), copy=False)
+                arrays[name] = pa.array(data, mask=mask if mask.any() else None)
+    return pa.table({n: arrays[n] for n in columns})
 
 
 def read_columns(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:

@@ -64,7 +64,7 @@ def stars():
     return batch, truth
 
 
-def _catalogue_rows(batch: SpectrumBatch, truth: dict) -> pa.Table:
+def catalogue_rows(batch: SpectrumBatch, truth: dict) -> pa.Table:
     wave, flux, ivar, teff, logg, feh = [], [], [], [], [], []
     for i, star in enumerate(batch.object_id.tolist()):
         kind = ROWS[star][0]
@@ -95,7 +95,7 @@ def _catalogue_rows(batch: SpectrumBatch, truth: dict) -> pa.Table:
 @pytest.fixture(scope="module")
 def embedded(ray_session, stars, tmp_path_factory):
     d = tmp_path_factory.mktemp("spectra")
-    table = _catalogue_rows(*stars)
+    table = catalogue_rows(*stars)
     for k, rows in enumerate(np.array_split(np.random.default_rng(0).permutation(table.num_rows), 3)):
         pq.write_table(table.take(rows), d / f"part-{k}.parquet")
     out = str(d / "out.lance")
@@ -189,7 +189,7 @@ def test_rows_without_spectrum_are_embedded_from_their_parameters(embedded, star
 
 
 def test_spectrum_columns_are_remappable_and_checked(stars):
-    table = _catalogue_rows(*stars)
+    table = catalogue_rows(*stars)
     renamed = table.rename_columns(["object_id", "FLUX", "IVAR", "WAVE", "teff", "logg", "feh"])
     columns = {f"{SPEC}.flux": "FLUX", f"{SPEC}.ivar": "IVAR", f"{SPEC}.wavelength_aa": "WAVE"}
     a, b = TokenizeStage(str(MODEL))(table), TokenizeStage(str(MODEL), columns=columns)(renamed)
