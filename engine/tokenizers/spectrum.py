@@ -13,10 +13,9 @@ Pipeline (all batch-vectorised over rows):
    codebook centroid with the smallest ivar-weighted squared distance over its valid pixels
    (a chi^2 fit, so masked pixels never influence a token). A patch with no valid pixel gets
    ``missing_token``. With ``n_stages > 1`` further codebooks encode the residual (residual VQ).
-5. optional hybrid codec (``global_tokens = G > 0``): before step 4, G tokens quantise the chi^2-fitted
-   coefficients of a global basis (PCA of the normalised training spectra), each into ``codebook_size``
-   uniform levels over its training range; the patch codebooks then code the residual. Stellar spectra are
-   low-dimensional, so a global basis captures their shape with few tokens and the patches fix the rest.
+5. optional hybrid codec (``global_tokens = G > 0``, ``engine.tokenizers.spectrum_basis``): before step 4,
+   G tokens quantise the coefficients of a global basis (PCA of the training spectra) and the patch
+   codebooks code the residual.
 
 Token layout per row: ``[scale, global_0 .. global_{G-1}, patch_0 stage_0, .., patch_0 stage_{S-1},
 patch_1 stage_0, ..]`` in one vocabulary: codebook tokens ``0 .. S*K-1`` (stage s uses ``s*K .. (s+1)*K-1``),
@@ -39,6 +38,7 @@ import numpy as np
 from engine.errors import CodecError, ConfigError, ModalityError
 from engine.modalities.spectra import SpectrumBatch
 from engine.tokenizers.scalar import Reservoir
+from engine.tokenizers.spectrum_basis import GlobalBasis, decode_global, encode_global, fit_global
 
 log = logging.getLogger(__name__)
 
@@ -208,56 +208,6 @@ def kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     return km.centroids.astype(np.float64)
 
 
-@dataclass(frozen=True)
-class GlobalBasis:
-    """Global basis of the hybrid codec: mean + quantised coefficients @ basis, in normalised flux."""
-
-    mean: np.ndarray  # (M,)
-    basis: np.ndarray  # (G, M), orthonormal rows
-    lo: np.ndarray  # (G,) training range of each coefficient
-    hi: np.ndarray  # (G,)
-
-    @classmethod
-    def fit(cls, x: np.ndarray, w: np.ndarray, n_comp: int) -> "GlobalBasis":
-        """PCA of (N, M) normalised spectra (invalid pixels take the pixel mean); coefficient ranges from
-        the same chi^2 fit that encode uses."""
-        good = w > 0
-        mean = np.where(good, x, 0.0).sum(0) / np.maximum(good.sum(0), 1)
-        _, _, vt = np.linalg.svd(np.where(good, x, mean) - mean, full_matrices=False)  # vt (min(N, M), M)
-        basis = np.zeros((n_comp, x.shape[1]))
-        basis[: min(n_comp, len(vt))] = vt[:n_comp]  # fewer spectra than components: the rest stay 0
-        c = cls(mean, basis, np.zeros(n_comp), np.zeros(n_comp)).coefficients(x, w)
-        return cls(mean, basis, c.min(0), c.max(0))
-
-    def coefficients(self, x: np.ndarray, w: np.ndarray, chunk: int = 16) -> np.ndarray:
-        """chi^2 fit: argmin_c sum_m w (x - mean - c @ basis)^2 per row; (N, M) -> (N, G)."""
-        g = len(self.basis)
-        out = np.zeros((len(x), g))
-        # rows with one weight everywhere (e.g. MILES: constant sigma, no mask): orthonormal basis -> projection
-        flat = (w == w[:, :1]).all(axis=1) & (w[:, 0] > 0)
-        out[flat] = (x[flat] - self.mean) @ self.basis.T
-        for s in range(0, len(x), chunk):
-            if flat[s : s + chunk].all():
-                continue
-            ws = w[s : s + chunk]
-            a = (self.basis[None] * ws[:, None, :]) @ self.basis.T  # (n, G, G)
-            a += (1e-9 * np.maximum(np.trace(a, axis1=1, axis2=2), 1e-12) / g)[:, None, None] * np.eye(g)
-            b = (ws * (x[s : s + chunk] - self.mean)) @ self.basis.T  # (n, G)
-            c = np.linalg.solve(a, b[..., None])[..., 0]
-            out[s : s + chunk] = np.where(flat[s : s + chunk, None], out[s : s + chunk], c)
-        return out
-
-    def quantise(self, c: np.ndarray, levels: int) -> np.ndarray:
-        """(N, G) coefficients -> (N, G) level indices in 0..levels-1 (clipped to the training range)."""
-        step = np.where(self.hi > self.lo, (self.hi - self.lo) / (levels - 1), 1.0)
-        return np.clip(np.round((c - self.lo) / step), 0, levels - 1).astype(np.int64)
-
-    def reconstruct(self, q: np.ndarray, levels: int) -> np.ndarray:
-        """(N, G) level indices -> (N, M) normalised flux."""
-        step = np.where(self.hi > self.lo, (self.hi - self.lo) / (levels - 1), 1.0)
-        return self.mean + (self.lo + q * step) @ self.basis
-
-
 def fit_residual_codebooks(x: np.ndarray, cfg: SpectrumTokenizerConfig) -> np.ndarray:
     """Residual k-means: stage s clusters what stages < s left; (P, L) patches -> (n_stages, K, L)."""
     books = []
@@ -334,8 +284,8 @@ class SpectrumTokenizer:
             scales.add(np.log10(latent.scale[latent.valid]))
             n_rows += batch.n_rows
         x = pool.sample()
-        if hybrid:
-            x = self._fit_global(x[:, : cfg.n_pixels], x[:, cfg.n_pixels :], rng)
+        if hybrid:  # the patch codebooks are fitted on what the global basis leaves
+            self.global_basis, x = fit_global(x[:, : cfg.n_pixels], x[:, cfg.n_pixels :], cfg, rng)
         if len(x) < cfg.codebook_size:
             raise CodecError(
                 f"SpectrumTokenizer.fit: expected >= codebook_size={cfg.codebook_size} fully valid patches, "
@@ -349,23 +299,6 @@ class SpectrumTokenizer:
         self.scale_edges = np.linspace(lo, hi if hi > lo else lo + 1.0, cfg.n_scale_bins + 1)
         return self
 
-    def _fit_global(self, x: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Fit the global basis on (N, M) spectra; return the fully valid residual patches (P, L),
-        at most ``max_patches`` of them, for the patch codebooks."""
-        cfg = self.config
-        if len(x) == 0:
-            raise CodecError("SpectrumTokenizer.fit: expected >= 1 valid spectrum for the global basis, got 0")
-        log.info("fitting a %d-component global basis on %d spectra", cfg.global_tokens, len(x))
-        gb = GlobalBasis.fit(x, w, cfg.global_tokens)
-        self.global_basis = gb
-        q = gb.quantise(gb.coefficients(x, w), cfg.codebook_size)
-        shape = (len(x), cfg.n_patches, cfg.patch_length)
-        r = (x - gb.reconstruct(q, cfg.codebook_size)).reshape(shape)
-        r = r[(w.reshape(shape) > 0).all(axis=2)]
-        if len(r) > cfg.max_patches:
-            r = r[np.sort(rng.choice(len(r), cfg.max_patches, replace=False))]
-        return r
-
     # ---- encode / decode -------------------------------------------------------------------------
     def encode(self, batch: SpectrumBatch) -> SpectrumTokens:
         self._require_fitted()
@@ -375,10 +308,8 @@ class SpectrumTokenizer:
         n, g = batch.n_rows, cfg.global_tokens
         tokens = np.empty((n, cfg.n_tokens), dtype=np.int32)
         if g:
-            gb = self.global_basis
-            q = gb.quantise(gb.coefficients(x.reshape(n, -1), w.reshape(n, -1)), cfg.codebook_size)  # (n, G)
-            x = x - gb.reconstruct(q, cfg.codebook_size).reshape(x.shape)
-            tokens[:, 1 : 1 + g] = np.where(latent.valid[:, None], self.global_offset + q, self.missing_token)
+            tokens[:, 1 : 1 + g], x = encode_global(self.global_basis, x, w, latent.valid, cfg.codebook_size,
+                                                    self.global_offset, self.missing_token)
         flat_x, flat_w = x.reshape(-1, cfg.patch_length), w.reshape(-1, cfg.patch_length)
         codes = np.empty((n * cfg.n_patches, cfg.n_stages), dtype=np.int64)
         for stage, book in enumerate(self.codebooks):
@@ -408,12 +339,9 @@ class SpectrumTokenizer:
             raise ModalityError(f"SpectrumTokenizer.decode: expected tokens of shape (N, {cfg.n_tokens}), got {tokens.shape}")
         n, g = len(tokens), cfg.global_tokens
         codes = tokens[:, 1 + g :].reshape(n, cfg.n_patches, cfg.n_stages)
-        flux = np.zeros((n, cfg.n_patches, cfg.patch_length))
-        if g:
-            gq = tokens[:, 1 : 1 + g]
-            q = np.clip(gq - self.global_offset, 0, cfg.codebook_size - 1)
-            flux += self.global_basis.reconstruct(q, cfg.codebook_size).reshape(flux.shape)
-            flux[(gq == self.missing_token).any(axis=1)] = np.nan
+        shape = (n, cfg.n_patches, cfg.patch_length)
+        flux = decode_global(self.global_basis, tokens[:, 1 : 1 + g], cfg.codebook_size, self.global_offset,
+                             self.missing_token, shape) if g else np.zeros(shape)
         for stage, book in enumerate(self.codebooks):
             k = codes[:, :, stage] - stage * cfg.codebook_size
             flux += book[np.clip(k, 0, cfg.codebook_size - 1)]
@@ -442,7 +370,7 @@ class SpectrumTokenizer:
         (d / "tokenizer.json").write_text(json.dumps(state, indent=1))
         arrays = {"codebooks": np.ascontiguousarray(self.codebooks), "scale_edges": self.scale_edges}
         if self.global_basis is not None:
-            arrays.update({f"global_{k}": np.ascontiguousarray(v) for k, v in asdict(self.global_basis).items()})
+            arrays.update(self.global_basis.arrays())
         save_file(arrays, str(d / "tokenizer.safetensors"))
 
     @classmethod
@@ -461,7 +389,5 @@ class SpectrumTokenizer:
         raw = dict(state["config"])
         raw["sky_lines_aa"] = tuple(raw["sky_lines_aa"])
         arrays = load_file(str(d / "tokenizer.safetensors"))
-        gb = None
-        if "global_mean" in arrays:
-            gb = GlobalBasis(*(arrays[f"global_{k}"] for k in ("mean", "basis", "lo", "hi")))
-        return cls(SpectrumTokenizerConfig(**raw), arrays["codebooks"], arrays["scale_edges"], gb)
+        return cls(SpectrumTokenizerConfig(**raw), arrays["codebooks"], arrays["scale_edges"],
+                   GlobalBasis.from_arrays(arrays))
