@@ -95,7 +95,8 @@ def _tokenize_multi(bundle: "ModelBundle", name: str, value) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
         tok = value
     else:
-        tok = bundle.token_tokenizers[name].encode(value).tokens
+        enc = bundle.token_tokenizers[name].encode(value)  # spectra: an encoding with .tokens; images: the tokens
+        tok = getattr(enc, "tokens", enc)
     if tok.ndim != 2 or tok.shape[1] != n_tokens:
         raise ValueError(f"{name}: expected tokens of shape (B, {n_tokens}), got {tok.shape}")
     return tok.astype(np.int64)
@@ -222,7 +223,7 @@ def roar_decode(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    banned: Sequence[int] = (),
+    banned: Sequence[int] | torch.Tensor = (),
     history: list | None = None,
 ) -> torch.Tensor:
     """Decode (n_rows, n_tokens) tokens in ``steps`` passes of ``logits_fn(tokens, known) -> (n_rows, N, V)``.
@@ -230,7 +231,8 @@ def roar_decode(
     Each pass samples every position from the filtered distribution, then commits the unknown
     positions whose sampled token is most probable, as many as the cosine schedule releases;
     committed tokens never change and are fed back as known decoder inputs. ``banned`` token ids
-    (the tokenizer's "missing" ids) are never sampled. ``history`` collects (tokens, known) per pass.
+    (the tokenizer's "missing" ids), or a (N, V) bool tensor of ids banned per position, are never
+    sampled. ``history`` collects (tokens, known) per pass.
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps={steps}; expected a positive integer")
@@ -242,7 +244,9 @@ def roar_decode(
         if n_commit <= 0:  # more steps than the schedule can use this early
             continue
         logits = logits_fn(tokens, known).float().cpu()  # (b, N, V)
-        if banned:
+        if isinstance(banned, torch.Tensor):
+            logits = logits.masked_fill(banned, float("-inf"))
+        elif banned:
             logits[..., list(banned)] = float("-inf")
         probs = filtered_probs(logits.reshape(n_rows * n_tokens, -1), temperature, top_k, top_p)  # (b*N, V)
         draw = torch.multinomial(probs, 1, generator=generator)  # (b*N, 1)
@@ -369,7 +373,9 @@ def _roar_target(bundle: "ModelBundle", states: torch.Tensor, valid: torch.Tenso
                  steps: int, chunk_rows: int = 128) -> np.ndarray:
     """ROAR-decode ``num_generations`` samples of a token target from fixed encoder states: (b, G, N) int64."""
     n_tokens = bundle.config.token_sizes[target][0]
-    banned = _missing_ids(bundle.token_tokenizers[target])
+    tokenizer = bundle.token_tokenizers[target]
+    allowed = getattr(tokenizer, "allowed_tokens", None)  # images: a scale id first, content ids after
+    banned = torch.from_numpy(~allowed()) if allowed else _missing_ids(tokenizer)
     states_g = states.repeat_interleave(num_generations, dim=0)  # (b*G, L, D): no new encoder pass
     valid_g = valid.repeat_interleave(num_generations, dim=0)  # (b*G, L)
     out = []
@@ -384,9 +390,17 @@ def _roar_target(bundle: "ModelBundle", states: torch.Tensor, valid: torch.Tenso
 
 
 def _decoded(bundle: "ModelBundle", target: str, tokens: np.ndarray, empty: np.ndarray) -> dict[str, np.ndarray]:
-    """(B, G, N) tokens -> {"tokens"} plus, for a spectrum, {"flux" (B, G, P), "wavelength_aa" (P,)}; NaN for empty rows."""
+    """(B, G, N) tokens -> {"tokens"} plus, for a spectrum, {"flux" (B, G, P), "wavelength_aa" (P,)}, for an
+    image {"flux" (B, G, C, S, S) in the survey's native unit, "pixel_scale_arcsec"}; NaN for empty rows."""
+    from engine.modalities.registry import entry
+
     tokenizer = bundle.token_tokenizers[target]
     B, G, N = tokens.shape
+    if entry(target).kind == "image":
+        flux = tokenizer.decode(tokens.reshape(B * G, N), entry(target).survey)
+        flux = flux.reshape(B, G, *flux.shape[1:])
+        flux[empty] = np.nan
+        return {"tokens": tokens, "flux": flux, "pixel_scale_arcsec": tokenizer.config.pixel_scale_arcsec}
     decoded = tokenizer.decode(tokens.reshape(B * G, N)).reshape(B, G, -1)
     decoded[empty] = np.nan
     if hasattr(tokenizer, "latent_wavelength_aa"):

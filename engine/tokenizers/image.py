@@ -17,7 +17,8 @@ the flux in the central aperture. Decoding multiplies by the quantised scale: it
 output pixel in the survey's native unit.
 
 Token layout per stamp (``n_tokens = 1 + g * g``): ``[scale, content row-major]``; content tokens are
-``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + bin``).
+``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + bin``), and the last id is ``missing_token``:
+every token of a stamp that has no usable image (never produced by ``encode``; models never embed it).
 """
 
 from __future__ import annotations
@@ -267,8 +268,20 @@ class ImageTokenizer:
         return self.content_vocab_size
 
     @property
-    def vocab_size(self) -> int:
+    def missing_token(self) -> int:
+        """All tokens of a stamp without a usable image (a null or broken cutout in a catalogue)."""
         return self.scale_offset + self.config.n_scale_bins
+
+    @property
+    def vocab_size(self) -> int:
+        return self.missing_token + 1
+
+    def allowed_tokens(self) -> np.ndarray:
+        """(n_tokens, vocab_size) bool: the ids each position can hold (scale ids first, content ids after)."""
+        out = np.zeros((self.config.n_tokens, self.vocab_size), bool)
+        out[0, self.scale_offset : self.missing_token] = True
+        out[1:, : self.content_vocab_size] = True
+        return out
 
     @property
     def token_grid(self) -> int:
@@ -276,21 +289,36 @@ class ImageTokenizer:
 
     def preprocess(self, images: Sequence[Image]) -> Prepared:
         """Resample + crop + normalise + stretch each image with its survey's spec (grouped, not per object)."""
-        cfg = self.config
         if not images:
             raise ModalityError("ImageTokenizer: expected at least one image; got none")
-        n, c, s = len(images), cfg.n_bands, cfg.crop_size
         specs = [survey_for(im) for im in images]
-        for spec in set(specs):
-            if spec.name not in cfg.surveys:
-                raise ModalityError(f"ImageTokenizer: expected images of {cfg.surveys}; got a {spec.name!r} image")
-        flux, valid, scale = np.zeros((n, c, s, s)), np.zeros((n, c, s, s), bool), np.zeros((n, c))
         groups: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault((specs[i].name, im.flux.shape, float(im.pixel_scale_arcsec)), []).append(i)
-        for (name, _, scale_in), idx in groups.items():
-            stack = np.stack([images[i].flux for i in idx]).astype(np.float64)
-            ok = np.stack([images[i].valid for i in idx])
+        parts = [(np.asarray(idx), np.stack([images[i].flux for i in idx]).astype(np.float64),
+                  np.stack([images[i].valid for i in idx]), name, scale_in)
+                 for (name, _, scale_in), idx in groups.items()]
+        return self._prepare(len(images), parts)
+
+    def preprocess_arrays(self, flux: np.ndarray, survey: str, pixel_scale_arcsec: float) -> Prepared:
+        """(N, C, H, W) stamps of one survey and pixel scale (NaN = bad pixel) -> the same as ``preprocess``
+        of the equivalent ``Image`` objects, without building them (the embed job's vectorised path)."""
+        flux = np.asarray(flux, np.float64)
+        if flux.ndim != 4 or not len(flux):
+            raise ModalityError(f"ImageTokenizer.preprocess_arrays: expected (N, C, H, W) with N >= 1; got {flux.shape}")
+        spec = survey_spec(survey)
+        if flux.shape[1] != spec.n_bands:
+            raise ModalityError(f"ImageTokenizer: {survey} images have {spec.n_bands} band(s); got {flux.shape[1]}")
+        return self._prepare(len(flux), [(np.arange(len(flux)), flux, np.isfinite(flux), survey, float(pixel_scale_arcsec))])
+
+    def _prepare(self, n: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, float]]) -> Prepared:
+        """Groups of (rows, flux (g, C, H, W), valid, survey, native pixel scale) -> one Prepared of n rows."""
+        cfg = self.config
+        c, s = cfg.n_bands, cfg.crop_size
+        flux, valid, scale = np.zeros((n, c, s, s)), np.zeros((n, c, s, s), bool), np.zeros((n, c))
+        for idx, stack, ok, name, scale_in in parts:
+            if name not in cfg.surveys:
+                raise ModalityError(f"ImageTokenizer: expected images of {cfg.surveys}; got a {name!r} image")
             flux[idx], valid[idx] = resample(stack, ok, scale_in, cfg.pixel_scale_arcsec, s)
             scale[idx] = stretch_scale(survey_spec(name), cfg.pixel_scale_arcsec)
         bins = flux_scale_bins(flux, valid, scale, cfg)
@@ -346,41 +374,50 @@ class ImageTokenizer:
         return np.concatenate([(self.scale_offset + prep.scale_bin)[:, None], content], 1).astype(np.int32)
 
     def encode(self, images: Sequence[Image]) -> np.ndarray:
-        """Images -> (N, 1 + g * g) int32 tokens in [0, vocab_size)."""
+        """Images -> (N, 1 + g * g) int32 tokens in [0, missing_token)."""
         return self.encode_prepared(self.preprocess(images))
 
-    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    def _check_tokens(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (N, n_tokens) -> (tokens, missing (N,) bool: rows of ``missing_token`` only); other rows must
+        hold a scale token then content tokens."""
         tokens = np.asarray(tokens)
         n = self.config.n_tokens
         if tokens.ndim != 2 or tokens.shape[1] != n:
             raise ModalityError(f"ImageTokenizer.decode: expected tokens of shape (N, {n}); got {tokens.shape}")
-        content, scale = tokens[:, 1:], tokens[:, 0]
+        missing = (tokens == self.missing_token).all(axis=1)
+        content, scale = tokens[~missing, 1:], tokens[~missing, 0]
         if content.size and (content.min() < 0 or content.max() >= self.content_vocab_size):
             raise ModalityError(f"ImageTokenizer.decode: expected content tokens in [0, {self.content_vocab_size}); "
                                 f"got {content.min()}..{content.max()}")
-        if scale.size and (scale.min() < self.scale_offset or scale.max() >= self.vocab_size):
-            raise ModalityError(f"ImageTokenizer.decode: expected scale tokens in [{self.scale_offset}, {self.vocab_size}); "
+        if scale.size and (scale.min() < self.scale_offset or scale.max() >= self.missing_token):
+            raise ModalityError(f"ImageTokenizer.decode: expected scale tokens in [{self.scale_offset}, {self.missing_token}); "
                                 f"got {scale.min()}..{scale.max()}")
-        return tokens
+        return tokens, missing
 
     @torch.no_grad()
     def decode_normalised(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, 1 + g * g) tokens -> (N, C, S, S) flux / norm (the scale token is ignored)."""
+        """(N, 1 + g * g) tokens -> (N, C, S, S) flux / norm (the scale token is ignored); NaN for missing rows."""
         self._require_fitted()
-        tokens = self._check_tokens(tokens)
+        tokens, missing = self._check_tokens(tokens)
         g = self.token_grid
-        t = torch.from_numpy(tokens[:, 1:].reshape(-1, g, g).astype(np.int64))
+        t = torch.from_numpy(np.where(missing[:, None], 0, tokens[:, 1:]).reshape(-1, g, g).astype(np.int64))
         q = self.model.quantizer
         out = [self.model.decode_codes(q.indices_to_codes(t[i : i + batch_size])) for i in range(0, len(t), batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
+        if not out:
+            return np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
+        flat = torch.cat(out).numpy()
+        flat[missing] = np.nan
+        return flat
 
     def decode_scale(self, tokens: np.ndarray, survey: str) -> np.ndarray:
-        """(N, 1 + g * g) tokens -> (N, C) quantised flux scale ``norm`` in the survey's native unit per output pixel."""
+        """(N, 1 + g * g) tokens -> (N, C) quantised flux scale ``norm`` in the survey's native unit per output pixel
+        (NaN for missing rows)."""
         if survey not in self.config.surveys:
             raise ModalityError(f"ImageTokenizer.decode: expected a survey in {self.config.surveys}; got {survey!r}")
-        bins = self._check_tokens(tokens)[:, 0].astype(np.int64) - self.scale_offset
+        tokens, missing = self._check_tokens(tokens)
+        bins = np.where(missing, 0, tokens[:, 0].astype(np.int64) - self.scale_offset)
         soft = stretch_scale(survey_spec(survey), self.config.pixel_scale_arcsec)
-        return scale_bin_centres(self.config)[bins][:, None] * soft[None, :]
+        return np.where(missing[:, None], np.nan, scale_bin_centres(self.config)[bins][:, None] * soft[None, :])
 
     def decode(self, tokens: np.ndarray, survey: str) -> np.ndarray:
         """Tokens -> (N, C, S, S) flux per output pixel (native unit of ``survey``, common pixel scale)."""

@@ -64,7 +64,8 @@ def test_resampling_masks_uncovered_pixels_and_fills_masked_ones():
 def test_round_trip_fidelity_on_real_stamps(tok, images):
     prep = tok.preprocess(images)
     tokens = tok.encode_prepared(prep)
-    assert tokens.shape == (len(images), 145) and tok.config.n_tokens == 145 and tok.vocab_size == 1000 + 1024
+    assert tokens.shape == (len(images), 145) and tok.config.n_tokens == 145 and tok.vocab_size == 1000 + 1024 + 1
+    assert tok.missing_token == 2024 and not (tokens == tok.missing_token).any()
     assert tokens[:, 1:].min() >= 0 and tokens[:, 1:].max() < 1000 and tokens[:, 0].min() >= 1000
     flux = tok.decode(tokens, "cfht_i")
     # decode == normalised decode x the quantised scale, and that scale is within half a bin of the stamp's
@@ -129,6 +130,11 @@ def test_bad_inputs_raise_domain_errors(tok, images, tmp_path):
     bad_scale = np.zeros((1, 145), int)
     with pytest.raises(ModalityError, match=r"expected scale tokens in \[1000, 2024\)"):
         tok.decode(bad_scale, "cfht_i")
+    scale_is_missing = np.concatenate([[[2024]], np.zeros((1, 144), int)], 1)  # only whole rows may be missing
+    with pytest.raises(ModalityError, match=r"expected scale tokens in \[1000, 2024\); got 2024..2024"):
+        tok.decode(scale_is_missing, "cfht_i")
+    with pytest.raises(ModalityError, match=r"cfht_i images have 1 band\(s\); got 2"):
+        tok.preprocess_arrays(np.ones((3, 2, 48, 48)), "cfht_i", 0.206)
     with pytest.raises(CodecError, match="not fitted"):
         ImageTokenizer(ImageTokenizerConfig(**TINY)).encode(images[:1])
     with pytest.raises(CodecError, match="no saved image tokenizer"):
@@ -144,3 +150,20 @@ def test_bad_configs_are_rejected():
         ImageTokenizerConfig(pixel_scale_arcsec=float("nan"))
     with pytest.raises(ConfigError, match="unknown image survey"):
         ImageTokenizerConfig(surveys=("sdss",))
+
+
+def test_array_path_equals_image_objects_and_missing_rows_decode_to_nan(tok, images, stamps):
+    pixels = stamps.pixels[:6, None].astype(np.float64)
+    pixels[2, 0, :10] = np.nan  # a masked edge strip, as in stamps padded beyond the field edge
+    objs = [Image(p, ("CFHT-I",), stamps.pixel_scale_arcsec) for p in pixels]
+    a, b = tok.preprocess(objs), tok.preprocess_arrays(pixels, "cfht_i", stamps.pixel_scale_arcsec)
+    for name in ("x", "valid", "flux", "scale", "scale_bin", "norm"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    tokens = tok.encode_prepared(b)
+    tokens[4] = tok.missing_token
+    flux = tok.decode(tokens, "cfht_i")
+    assert np.isnan(flux[4]).all() and np.isfinite(np.delete(flux, 4, axis=0)).all()
+    np.testing.assert_array_equal(flux[:4], tok.decode(tokens[:4], "cfht_i"))
+    allowed = tok.allowed_tokens()
+    assert allowed.shape == (145, 2025) and allowed[np.arange(145)[:, None], tokens[[0, 1, 2, 3, 5]].T].all()
+    assert allowed[0].sum() == 1024 and allowed[1].sum() == 1000 and not allowed[:, tok.missing_token].any()
