@@ -47,6 +47,10 @@ SCALARS: tuple[ScalarSpec, ...] = (
     ScalarSpec("teff", "teff", "quantile", "K", "stellar effective temperature"),
     ScalarSpec("logg", "logg", "quantile", "dex(cm / s2)", "stellar surface gravity log10(g / (cm s^-2))"),
     ScalarSpec("feh", "feh", "quantile", "dex", "stellar iron abundance [Fe/H]"),
+    # Measured on an image stamp (engine.model.image_data): the image model's scalar companions
+    ScalarSpec("mag_aper", "mag_aper", "quantile", "mag", "magnitude within 1 arcsec of the centroid (image's band)"),
+    ScalarSpec("flux_radius", "flux_radius_arcsec", "quantile", "arcsec", "half-light radius within 3 arcsec"),
+    ScalarSpec("ellipticity", "ellipticity", "quantile", "", "1 - b/a from flux-weighted second moments"),
 )
 
 SCALARS_BY_NAME = {spec.name: spec for spec in SCALARS}

@@ -10,7 +10,9 @@ bins; token targets a plain cross-entropy.
 
 ``train_miles`` builds the shipped stellar model: MILES spectra (``tok_spec_miles``) with Teff,
 logg and [Fe/H]; stars are held out by a hash of their MILES number (``engine.sample.holdout_mask``)
-and every tokenizer is fitted on the training split only.
+and every tokenizer is fitted on the training split only. ``engine.model.train_image`` builds the
+image model (``tok_image_cfht_i`` + stamp properties) from the same pieces (``assemble_bundle``,
+``token_data``, ``fit_steps``).
 """
 
 from __future__ import annotations
@@ -236,21 +238,26 @@ def fit_steps(model: MultimodalTransformer, data: TokenData, cfg: MultimodalTrai
 
 def build_bundle(scalar_table: pa.Table, spectra: SpectrumBatch, cfg: MultimodalTrainConfig) -> ModelBundle:
     """Fit the scalar and spectrum tokenizers on these (training) rows and build an untrained bundle."""
+    spec_tok = entry(spectra.token_key).build(**cfg.tokenizer, seed=cfg.seed).fit([spectra])
+    return assemble_bundle(scalar_table, {spectra.token_key: spec_tok}, cfg)
+
+
+def assemble_bundle(scalar_table: pa.Table, token_tokenizers: dict, cfg: MultimodalTrainConfig) -> ModelBundle:
+    """Fit the scalar tokenizer on these (training) rows; an untrained bundle over ``cfg.scalars`` and the
+    given fitted token tokenizers ({modality: tokenizer}, e.g. a spectrum's or an image's)."""
     columns = {m: SCALARS_BY_NAME[m].column for m in cfg.scalars}
     scalar_tok = ScalarTokenizer(ScalarTokenizerConfig(columns=tuple(columns.values()), n_bins=cfg.n_bins,
                                                        rng_seed=cfg.seed)).fit([scalar_table])
-    spec_name = spectra.token_key
-    spec_tok = entry(spec_name).build(**cfg.tokenizer, seed=cfg.seed).fit([spectra])
     model_cfg = ModelConfig(
         input_modalities=cfg.scalars, target_modalities=cfg.scalars, n_bins=cfg.n_bins, dim=cfg.dim,
-        encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, num_heads=cfg.num_heads,
-        dropout=cfg.dropout, token_modalities=((spec_name, spec_tok.config.n_tokens, spec_tok.vocab_size),),
+        encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, num_heads=cfg.num_heads, dropout=cfg.dropout,
+        token_modalities=tuple((name, tok.config.n_tokens, tok.vocab_size) for name, tok in token_tokenizers.items()),
     )
     torch.manual_seed(cfg.seed)
     model = MultimodalTransformer(model_cfg)
     model.tok_emb.bin_values.copy_(standardised_bin_values(scalar_tok, model_cfg, columns))
     meta = {"model_id": cfg.model_id, "inputs": columns, "target_columns": {}}
-    return ModelBundle(model=model, tokenizer=scalar_tok, meta=meta, token_tokenizers={spec_name: spec_tok})
+    return ModelBundle(model=model, tokenizer=scalar_tok, meta=meta, token_tokenizers=dict(token_tokenizers))
 
 
 def train_miles(cfg: MultimodalTrainConfig, out_dir: str | Path | None = None,
