@@ -22,6 +22,7 @@ from engine.cluster import embed_stage_resources
 from engine.errors import ConfigError, OutputMismatchError, UnitsFailedError
 from engine.model.bundle import PRECISIONS, ModelBundle, load_bundle
 from engine.pipeline.duplicates import DuplicateCounter
+from engine.pipeline.images import ImageColumns, check_image_field
 from engine.pipeline.read import ReadUnit, filesystem_for, open_catalog
 from engine.pipeline.spectra import check_spectrum_field
 from engine.pipeline.stages import (ID, PASSTHROUGH, SOURCE_PATH, UNIT, EmbedStage, TokenizeStage, flag_legend,
@@ -174,18 +175,23 @@ def run_embed(cfg: EmbedConfig) -> dict:
     if unknown:
         raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {readable}")
     inputs = {m: cfg.columns.get(m, c) for m, c in bundle.input_columns.items()}
-    spectra = token_inputs(bundle.config, cfg.columns)  # token modality -> its catalogue columns ({} scalar-only)
+    token_cols = token_inputs(bundle.config, cfg.columns)  # token modality -> its catalogue columns ({} scalar-only)
+    spectra = {m: s for m, s in token_cols.items() if not isinstance(s, ImageColumns)}
+    images = {m: s for m, s in token_cols.items() if isinstance(s, ImageColumns)}
     required = {cfg.id_column: "object id (int64)", **{c: f"input {m}" for m, c in inputs.items()},
-                **{s.redshift: f"{m} redshift" for m, s in spectra.items() if s.redshift}}
+                **{s.redshift: f"{m} redshift" for m, s in spectra.items() if s.redshift},
+                **{s.pixel_scale_arcsec: f"{m} pixel scale" for m, s in images.items() if s.pixel_scale_arcsec}}
     spectrum_fields = {c: f"{m} {f}" for m, s in spectra.items() for f, c in s.fields.items() if f != "redshift"}
+    cutout_fields = {s.cutout: f"{m} cutout" for m, s in images.items()}
     exists = _table_exists(cfg.out)
     if exists and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--out {cfg.out} already holds a Lance table; pass --resume to finish it or --overwrite to replace it")
 
     catalog, failed = open_catalog(list(cfg.catalog))
     for f in catalog.files:
-        reason = check_file(f, required) or next(
-            filter(None, (check_spectrum_field(f.schema, c, role) for c, role in spectrum_fields.items())), None)
+        reason = check_file(f, required) or next(filter(None, (
+            *(check_spectrum_field(f.schema, c, role) for c, role in spectrum_fields.items()),
+            *(check_image_field(f.schema, c, role) for c, role in cutout_fields.items()))), None)
         if reason:
             failed[f.path] = reason
     n_units = len(catalog.files) + len(failed) - sum(1 for f in catalog.files if f.path in failed)
@@ -197,7 +203,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     with_radec = catalog.has_columns(list(PASSTHROUGH))
     metadata = {
         "engine_version": engine.__version__, "model_id": bundle.meta["model_id"], "model_version": bundle.meta["version"],
-        "input_columns": {**inputs, **{m: s.fields for m, s in spectra.items()}},
+        "input_columns": {**inputs, **{m: s.fields for m, s in token_cols.items()}},
         "flags": flag_legend(bundle.config), "run_config": cfg.to_json(),
         "created_unix": time.time(),
     }
@@ -218,7 +224,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
             ledger.ready.append(ledger.units[f.path])  # empty file: a unit with nothing to write
 
     if todo:
-        read = [*inputs.values(), *(c for s in spectra.values() for c in s.read)]
+        read = [*inputs.values(), *(c for s in token_cols.values() for c in s.read)]
         _run_dataset(cfg, catalog.filesystem, [f.path for f in todo], read, with_radec, schema, ledger)
     ledger.finish()
     failed.update(ledger.failed)

@@ -17,6 +17,7 @@ from engine.errors import CatalogError, ConfigError
 from engine.modalities import Z_PHOT_COLUMNS
 from engine.model.config import ModelConfig
 from engine.model.redshift import REDSHIFT
+from engine.pipeline.images import IMAGE_FLAGS, ImageColumns, image_columns, tokenize_images
 from engine.pipeline.spectra import SPECTRUM_FLAGS, SpectrumColumns, spectrum_columns, tokenize_spectra
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,17 @@ PRED_SUMMARIES = ("median", "std")  # written as <target>_pred, <target>_pred_st
 
 def flag_legend(config: ModelConfig) -> dict[str, int]:
     """Bit value of each flag: bit i = input i missing/invalid (scalar inputs, then token modalities, model
-    order), NO_VALID_INPUT, and for models reading spectra the bad-spectrum reasons (engine.pipeline.spectra)."""
+    order), NO_VALID_INPUT, and for models reading spectra or images the bad-spectrum reasons
+    (engine.pipeline.spectra) or bad-cutout reasons (engine.pipeline.images)."""
+    from engine.modalities.registry import entry
+
     inputs = config.input_modalities + tuple(config.token_sizes)
     legend = {**{f"missing_{m}": 1 << i for i, m in enumerate(inputs)}, "no_valid_input": NO_VALID_INPUT}
-    return {**legend, **SPECTRUM_FLAGS} if config.token_modalities else legend
+    kinds = {entry(m).kind for m in config.token_sizes}
+    legend.update({**(SPECTRUM_FLAGS if "spectrum" in kinds else {}), **(IMAGE_FLAGS if "image" in kinds else {})})
+    if len(set(legend.values())) != len(legend):
+        raise ConfigError(f"flag bits collide: {legend}")
+    return legend
 
 
 def pred_column(target: str, summary: str) -> str:
@@ -50,16 +58,26 @@ def predicted_columns(config: ModelConfig) -> tuple[str, ...]:
     return cols
 
 
-def token_inputs(config: ModelConfig, columns: dict[str, str] | None) -> dict[str, SpectrumColumns]:
-    """Token modality -> its catalogue columns; only spectra can be read from a catalogue so far."""
+def token_inputs(config: ModelConfig, columns: dict[str, str] | None) -> dict[str, SpectrumColumns | ImageColumns]:
+    """Token modality -> its catalogue columns; spectra and image cutouts can be read from a catalogue so far."""
     from engine.modalities.registry import entry
 
     out = {}
     for name in config.token_sizes:
-        if entry(name).kind != "spectrum":
-            raise ConfigError(f"token modality {name!r} is a {entry(name).kind}; the embed job reads spectra only so far")
-        out[name] = spectrum_columns(name, columns or {})
+        kind = entry(name).kind
+        if kind == "spectrum":
+            out[name] = spectrum_columns(name, columns or {})
+        elif kind == "image":
+            out[name] = image_columns(name, entry(name).survey, columns or {})
+        else:
+            raise ConfigError(f"token modality {name!r} is a {kind}; the embed job reads spectra and images only so far")
     return out
+
+
+def tokenize_token_modality(batch: pa.Table, cols: SpectrumColumns | ImageColumns, tokenizer, survey: str):
+    """One token modality's columns of a batch -> rows with ``tokens``, ``missing`` and reason ``flags``."""
+    reader = tokenize_images if isinstance(cols, ImageColumns) else tokenize_spectra
+    return reader(batch, cols, tokenizer, survey)
 
 
 def _require(batch: pa.Table, columns: list[str], stage: str) -> None:
@@ -104,12 +122,12 @@ class TokenizeStage:
         self.cat_columns = [(columns or {}).get(m, c) for m, c in zip(self.modalities, self.tok_columns)]
         self.id_column = id_column
         config, path = model_config(model_dir)
-        self.spectra = token_inputs(config, columns)  # {} for scalar-only models: their path is unchanged
-        self.token_tokenizers = load_token_tokenizers(path, config) if self.spectra else {}
+        self.token_cols = token_inputs(config, columns)  # {} for scalar-only models: their path is unchanged
+        self.token_tokenizers = load_token_tokenizers(path, config) if self.token_cols else {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        spec_cols = [c for cols in self.spectra.values() for c in cols.read]
-        _require(batch, [self.id_column, *self.cat_columns, *spec_cols], "tokenize stage")
+        token_cols = [c for cols in self.token_cols.values() for c in cols.read]
+        _require(batch, [self.id_column, *self.cat_columns, *token_cols], "tokenize stage")
         values = {}
         for tok_col, cat_col in zip(self.tok_columns, self.cat_columns):
             col = batch.column(cat_col)
@@ -121,11 +139,11 @@ class TokenizeStage:
         flags = (missing.astype(np.int64) << np.arange(n_in)).sum(axis=1)
         no_input = missing.all(axis=1)
         extra = {}
-        if self.spectra:
+        if self.token_cols:
             from engine.modalities.registry import entry
 
-            for bit, (name, cols) in enumerate(self.spectra.items(), start=n_in):
-                rows = tokenize_spectra(batch, cols, self.token_tokenizers[name], entry(name).survey)
+            for bit, (name, cols) in enumerate(self.token_cols.items(), start=n_in):
+                rows = tokenize_token_modality(batch, cols, self.token_tokenizers[name], entry(name).survey)
                 flags |= (rows.missing.astype(np.int64) << bit) | rows.flags
                 no_input &= rows.missing
                 extra[name] = fixed_size_list(rows.tokens, pa.int32())
