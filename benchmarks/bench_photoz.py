@@ -162,7 +162,8 @@ def dc2(cfg_kwargs: dict, work: Path) -> tuple[dict, dict]:
     train_path = work / "dc2_train.parquet"
     pq.write_table(train_t, train_path)
     cfg = TrainConfig(
-        model_id="bench-dc2", inputs=tuple(f"mag_{b}" for b in LSST), id_column="id", z_column="redshift",
+        model_id="bench-dc2", inputs=("mag_i", *(f"colour_{a}{b}" for a, b in zip(LSST, LSST[1:]))),  # i + 5 colours
+        id_column="id", z_column="redshift",
         holdout_fraction=0.0, seed=SEED,
         columns={f"mag_{b}": f"mag_{b}_lsst" for b in LSST},
         error_columns_by_input={f"mag_{b}": f"mag_err_{b}_lsst" for b in LSST}, **cfg_kwargs,

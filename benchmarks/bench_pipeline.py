@@ -111,7 +111,7 @@ def model_only(catalog: Path, n_rows: int, threads: int) -> dict:
     files = sorted(catalog.glob("*.parquet"))
     table = pq.read_table(files[0]).slice(0, n_rows)
     enc = bundle.tokenizer.encode({c: table[c].to_numpy() for c in bundle.input_columns.values()})
-    n = len(bundle.input_columns)
+    n = len(bundle.config.input_modalities)
     tokens, valid = enc.tokens[:, :n], ~enc.missing[:, :n]
     bundle.predict(tokens[:BATCH], valid[:BATCH])  # warm-up
     t0 = time.perf_counter()
@@ -136,7 +136,7 @@ def naive_script(catalog: Path, tag: str, threads: int) -> dict:
     t0 = time.perf_counter()
     bundle = ModelBundle.load(DEFAULT_MODEL_DIR)
     cols = list(bundle.input_columns.values())
-    n = len(cols)
+    n = len(bundle.config.input_modalities)
     rows = 0
     for i, f in enumerate(sorted(catalog.glob("*.parquet"))):
         t = pq.read_table(f, columns=["object_id", *cols])

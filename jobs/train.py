@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--catalog", nargs="+", required=True, help="Parquet file(s) or globs with object_id, mags and z_spec")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--model-id", default=TrainConfig.model_id)
+    p.add_argument("--inputs", nargs="+", default=list(TrainConfig.inputs), metavar="MODALITY",
+                   help="scalar inputs, colours included (default: r + u-g, g-r, r-i, i-z; e.g. mag_u ... mag_z for magnitudes only)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--dim", type=int, default=TrainConfig.dim)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = sorted({f for pattern in a.catalog for f in (glob.glob(pattern) or [pattern])})
-    cfg = TrainConfig(model_id=a.model_id, epochs=a.epochs, batch_size=a.batch_size, dim=a.dim,
+    cfg = TrainConfig(model_id=a.model_id, inputs=tuple(a.inputs), epochs=a.epochs, batch_size=a.batch_size, dim=a.dim,
                       encoder_depth=a.encoder_depth, decoder_depth=a.decoder_depth, n_bins=a.n_bins,
                       holdout_fraction=a.holdout_fraction, seed=a.seed, calibration=a.calibration,
                       checkpoint_every_steps=a.checkpoint_every)

@@ -2,7 +2,9 @@
 spectra, sequences and images are typed dataclasses in sibling modules, and
 ``registry`` maps each modality kind to its tokenizer.
 
-A scalar modality is a catalogue column with a binning and a unit. Everything else (the
+A scalar modality is a catalogue column with a binning and a unit, or a colour derived from two
+of them (``derived_from``: the tokenizer forms a - b from the two columns, so colours keep the
+precision of the catalogue values rather than of two magnitude bins). Everything else (the
 tokenizer's column list, the model's token streams, the FITS units of joined outputs and
 the bit of each input in the ``flags`` column) is derived from :data:`SCALARS`; adding a
 column is adding a row here.
@@ -25,12 +27,15 @@ class ScalarSpec:
     unit: str  # astropy unit string ("mag", "" for dimensionless)
     description: str
     error_column: str | None = None  # 1-sigma error column, used by fit-time row filters
+    derived_from: tuple[str, str] | None = None  # (a, b): the value is modality a - modality b (a colour)
 
     def __post_init__(self) -> None:
         if self.binning not in BINNINGS:
             raise ConfigError(
                 f"ScalarSpec {self.name!r}: binning={self.binning!r} is not one of {BINNINGS}"
             )
+        if self.derived_from is not None and (len(self.derived_from) != 2 or self.derived_from[0] == self.derived_from[1]):
+            raise ConfigError(f"ScalarSpec {self.name!r}: derived_from={self.derived_from!r}; expected two different modalities")
 
 
 SCALARS: tuple[ScalarSpec, ...] = (
@@ -43,6 +48,11 @@ SCALARS: tuple[ScalarSpec, ...] = (
     # LSST's sixth band; SDSS has none, so the default model does not read it. LSST catalogues
     # (e.g. mag_y_lsst) map their columns onto these streams with TrainConfig.columns.
     ScalarSpec("mag_y", "mag_y", "quantile", "mag", "y-band magnitude (AB; LSST/HSC)", "magerr_y"),
+    # Colours of neighbouring bands, formed by the tokenizer from the two magnitude columns (not read from the catalogue)
+    *(
+        ScalarSpec(f"colour_{a}{b}", f"colour_{a}{b}", "quantile", "mag", f"{a} - {b} colour", derived_from=(f"mag_{a}", f"mag_{b}"))
+        for a, b in zip("ugriz", "grizy")
+    ),
     ScalarSpec("redshift", "z_spec", "quantile", "", "spectroscopic redshift"),
     ScalarSpec("teff", "teff", "quantile", "K", "stellar effective temperature"),
     ScalarSpec("logg", "logg", "quantile", "dex(cm / s2)", "stellar surface gravity log10(g / (cm s^-2))"),
@@ -54,6 +64,23 @@ SCALARS: tuple[ScalarSpec, ...] = (
 )
 
 SCALARS_BY_NAME = {spec.name: spec for spec in SCALARS}
+
+
+def catalogue_inputs(inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The catalogue scalars behind model inputs: the columns a job reads and its ``missing_<modality>`` flag bits.
+
+    Without colours: the inputs, in their order. With colours: every non-colour input and both magnitudes
+    behind each colour, in table order (mag_u, mag_g, mag_r, ...)."""
+    specs = [scalar_spec(name) for name in inputs]
+    if not any(s.derived_from for s in specs):
+        return tuple(inputs)
+    wanted = {m for s in specs for m in (s.derived_from or (s.name,))}
+    return tuple(s.name for s in SCALARS if s.name in wanted)
+
+
+def is_derived(name: str) -> bool:
+    spec = SCALARS_BY_NAME.get(name)
+    return spec is not None and spec.derived_from is not None
 
 
 def scalar_spec(name: str) -> ScalarSpec:

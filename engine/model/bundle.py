@@ -27,7 +27,7 @@ from engine.model import generate as _generate
 from engine.model.redshift import REDSHIFT, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
 from engine.tokenizers.scalar import ScalarTokenizer
-from engine.model.files import (CONFIG, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, load_token_tokenizers,
+from engine.model.files import (CONFIG, catalogue_columns, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, load_token_tokenizers,
                                 read_config)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -63,8 +63,8 @@ class ModelBundle:
 
     @property
     def input_columns(self) -> dict[str, str]:
-        """Input modality -> catalogue column, in the model's token order (= flag bit order)."""
-        return {m: self.meta["inputs"][m] for m in self.config.input_modalities}
+        """Catalogue modality -> column: what a job reads, in flag-bit order (colours are formed from these)."""
+        return catalogue_columns(self.config, self.meta)
 
     @property
     def embedding_dim(self) -> int:

@@ -7,9 +7,10 @@
 
 The module is traced (``torch.jit.trace``) with the batch dimension free; rows with no valid input
 get a NaN embedding, as in ``ModelBundle.predict``. The logits are raw: ``meta`` (a JSON file inside
-the .pt archive) holds what is needed to turn them into the bundle's p(z)
+the .pt archive) holds the token order (``token_order``: the model's inputs, colours formed by the
+tokenizer from the catalogue ``inputs``) and what is needed to turn them into the bundle's p(z)
 (``softmax(logits / meta["temperature"])``, summarised over ``meta["redshift_edges"]``), the
-record of how that temperature was calibrated, the input columns in token order and the model id.
+record of how that temperature was calibrated and the model id.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class ServingModule(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # tokens (B, T) int64, valid (B, T) bool
-        states = self.model.encode_tokens(tokens, valid)  # (B, T, D)
-        emb = self.model.pool(states, valid)  # (B, D)
+        states = self.model.encode_tokens(tokens, valid)  # (B, L, D): L = T (+ colour streams)
+        enc_valid = self.model.input_valid(valid)  # (B, L)
+        emb = self.model.pool(states, enc_valid)  # (B, D)
         emb = torch.where(valid.any(dim=1, keepdim=True), emb, torch.full_like(emb, float("nan")))
-        logits = self.model.decode_logits(states, valid, [REDSHIFT])[REDSHIFT]  # (B, V)
+        logits = self.model.decode_logits(states, enc_valid, [REDSHIFT])[REDSHIFT]  # (B, V)
         return emb, logits
 
 
@@ -61,7 +63,8 @@ def _example(bundle: ModelBundle, batch: int, seed: int) -> tuple[torch.Tensor, 
 
 def serving_meta(bundle: ModelBundle) -> dict:
     edges, centres = bundle.redshift_bins()
-    return {"model_id": bundle.model_id, "inputs": bundle.input_columns, "embedding_dim": bundle.embedding_dim,
+    return {"model_id": bundle.model_id, "inputs": bundle.input_columns,
+            "token_order": list(bundle.config.input_modalities), "embedding_dim": bundle.embedding_dim,
             "missing_token": int(bundle.config.n_bins), "calibration": bundle.meta.get("calibration"),
             "temperature": float(bundle.meta.get("temperature", 1.0)),
             "redshift_edges": edges.tolist(), "redshift_centres": centres.tolist(),

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from engine.errors import ModelError
+from engine.modalities import catalogue_inputs, is_derived
 from engine.model.config import ModelConfig
 from engine.tokenizers.scalar import ScalarTokenizer
 
@@ -45,14 +46,24 @@ def model_config(model_dir: str | Path) -> tuple[ModelConfig, Path]:
     return read_config(d, (CONFIG,))[0], d
 
 
+def catalogue_columns(cfg: ModelConfig, meta: dict) -> dict[str, str]:
+    """Catalogue modality -> column for a model: what a job reads, in flag-bit order (``catalogue_inputs``)."""
+    return {m: meta["inputs"][m] for m in catalogue_inputs(cfg.input_modalities)}
+
+
+def token_column(meta: dict, modality: str) -> str:
+    """The tokenizer column of a scalar modality: its catalogue column, or a colour's own name."""
+    return modality if is_derived(modality) else {**meta["inputs"], **meta.get("target_columns", {})}[modality]
+
+
 def load_tokenizer(model_dir: str | Path) -> tuple[ScalarTokenizer, dict[str, str]]:
-    """A model dir's tokenizer and its inputs (modality -> column, model order), without the weights."""
+    """A model dir's tokenizer and its catalogue inputs (``catalogue_columns``), without the weights."""
     from engine.model.noop import NOOP
     from engine.sample import DEFAULT_MODEL_DIR
 
     d = DEFAULT_MODEL_DIR if str(model_dir) == NOOP else Path(model_dir)
     cfg, meta = read_config(d, (CONFIG, TOKENIZER))
-    return ScalarTokenizer.load(d / TOKENIZER), {m: meta["inputs"][m] for m in cfg.input_modalities}
+    return ScalarTokenizer.load(d / TOKENIZER), catalogue_columns(cfg, meta)
 
 
 def load_token_tokenizers(d: Path, cfg: ModelConfig) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from engine.model.redshift import REDSHIFT, summarize
+from engine.model.files import token_column
 
 if TYPE_CHECKING:
     from engine.model.bundle import ModelBundle
@@ -102,18 +103,16 @@ def _tokenize_multi(bundle: "ModelBundle", name: str, value) -> np.ndarray:
     return tok.astype(np.int64)
 
 
-def _column(bundle: "ModelBundle", modality: str) -> str:
-    return {**bundle.meta["inputs"], **bundle.meta["target_columns"]}[modality]
-
-
 def tokenize(bundle: "ModelBundle", modalities: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{input modality: values (B,)} -> {every scalar input: tokens (B,) int64, given token modalities: (B, N)}.
 
-    Absent modalities, NaN, +-inf and sentinel values (99, -99, ...) become the missing token.
+    Scalars are the model's inputs or its catalogue inputs (``bundle.input_columns``): colour inputs are formed
+    from the magnitudes given (or given directly). Absent modalities, NaN, +-inf and sentinel values (99, -99, ...)
+    become the missing token.
     A token modality (e.g. ``tok_spec_miles``) takes its tokenizer's input (a ``SpectrumBatch``) or tokens (B, N).
     """
     inputs = bundle.config.input_modalities
-    readable = list(inputs) + list(bundle.config.token_sizes)
+    readable = list(dict.fromkeys([*bundle.input_columns, *inputs, *bundle.config.token_sizes]))
     unknown = sorted(set(modalities) - set(readable))
     if unknown:
         raise ValueError(f"unknown input modality(ies) {unknown}; this model reads {readable}")
@@ -127,9 +126,9 @@ def tokenize(bundle: "ModelBundle", modalities: Mapping[str, np.ndarray]) -> dic
     if not scalars:  # only token modalities given: every scalar stream is missing
         n = next(iter(lengths.values()))
         return {**{m: np.full(n, bundle.tokenizer.missing_token, np.int64) for m in inputs}, **multi}
-    enc = bundle.tokenizer.encode({_column(bundle, m): v for m, v in scalars.items()})
+    enc = bundle.tokenizer.encode({token_column(bundle.meta, m): v for m, v in scalars.items()})
     cols = list(bundle.tokenizer.config.columns)
-    return {**{m: enc.tokens[:, cols.index(_column(bundle, m))].astype(np.int64) for m in inputs}, **multi}
+    return {**{m: enc.tokens[:, cols.index(token_column(bundle.meta, m))].astype(np.int64) for m in inputs}, **multi}
 
 
 def stack_tokens(bundle: "ModelBundle", tokens: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +197,7 @@ def predict_scalars(
         for t in targets:  # one decoder pass per target, as in generate_from_tokens
             lg = bundle.model.decode_logits(states, val, [t])[t].float().cpu().double()  # (B, V)
             temperature = float(bundle.meta.get("temperature", 1.0)) if t == REDSHIFT else 1.0
-            column = _column(bundle, t)
+            column = token_column(bundle.meta, t)
             summary = summarize((lg / temperature).softmax(dim=1).numpy(), bundle.tokenizer.edges[column],
                                 bundle.tokenizer.centres[column])
             out.update(summary if t == REDSHIFT else {f"{t}_{k.removeprefix('z_phot_')}": v for k, v in summary.items()})
@@ -351,7 +350,7 @@ def generate_from_tokens(
         if t in bundle.config.token_sizes:
             out[t] = _decoded(bundle, t, np.concatenate([p["tokens"] for p in parts[t]]), empty)
             continue
-        column = _column(bundle, t)
+        column = token_column(bundle.meta, t)
         edges, centres = bundle.tokenizer.edges[column], bundle.tokenizer.centres[column]
         probs = np.concatenate([p["probs"] for p in parts[t]])
         summary = summarize(probs, edges, centres)

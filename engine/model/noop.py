@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.model.config import ModelConfig
+from engine.model.files import catalogue_columns
 from engine.modalities import Z_PHOT_COLUMNS
 from engine.tokenizers.scalar import ScalarTokenizer
 
@@ -26,7 +27,8 @@ class NoOpBundle:
 
     @property
     def input_columns(self) -> dict[str, str]:
-        return {m: self.meta["inputs"][m] for m in self.config.input_modalities}
+        """Catalogue modality -> column: what a job reads, in flag-bit order (colours are formed from these)."""
+        return catalogue_columns(self.config, self.meta)
 
     @property
     def embedding_dim(self) -> int:

@@ -28,20 +28,22 @@ from engine.model.bundle import REDSHIFT, ModelBundle
 from engine.model.config import ModelConfig
 from engine.model.redshift import coverage, fit_coverage_temperature, photoz_metrics, pit, softmax, summarize
 from engine.model.transformer import MultimodalTransformer
-from engine.modalities import SCALARS_BY_NAME
+from engine.modalities import SCALARS_BY_NAME, catalogue_inputs
 from engine.sample import holdout_mask, kfold_index
 from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig, missing_mask
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INPUTS = tuple(f"mag_{b}" for b in "ugriz")
+# r plus the four SDSS colours, formed by the tokenizer from the ugriz magnitudes. SDSS 5-fold, folds 0-1, 15 epochs:
+# holdout sigma_NMAD 0.0141 / 0.0134 against 0.0162 / 0.0150 from the five magnitudes (README).
+DEFAULT_INPUTS = ("mag_r", "colour_ug", "colour_gr", "colour_ri", "colour_iz")
 CALIBRATIONS = ("coverage", "nll")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model_id: str = "sdss-mgs-photoz"
-    inputs: tuple[str, ...] = DEFAULT_INPUTS  # scalar modality names (engine.modalities.SCALARS)
+    inputs: tuple[str, ...] = DEFAULT_INPUTS  # scalar modality names (engine.modalities.SCALARS), colours included
     id_column: str = "object_id"
     z_column: str = "z_spec"
     holdout_fraction: float = 0.2  # never trained on; scored at the end
@@ -73,8 +75,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: only at the end of each epoch)
     keep_checkpoints: int = 2  # newest checkpoint directories kept
     model: dict = field(default_factory=dict)  # extra ModelConfig fields
-    # Catalogue columns per input modality when they differ from engine.modalities.SCALARS, e.g.
-    # {"mag_u": "mag_u_lsst"} and {"mag_u": "mag_err_u_lsst"} for LSST DESC catalogues.
+    # Catalogue columns per catalogue modality (the inputs and the magnitudes behind colours) when they differ
+    # from engine.modalities.SCALARS, e.g. {"mag_u": "mag_u_lsst"} and {"mag_u": "mag_err_u_lsst"} for LSST DESC.
     columns: dict = field(default_factory=dict)
     error_columns_by_input: dict = field(default_factory=dict)
 
@@ -86,9 +88,10 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)}; expected 0 <= value < 1")
         for name in ("columns", "error_columns_by_input"):
-            unknown = sorted(set(getattr(self, name)) - set(self.inputs))
+            unknown = sorted(set(getattr(self, name)) - set(self.catalogue_inputs))
             if unknown:
-                raise ConfigError(f"TrainConfig.{name}: {unknown} are not in inputs {list(self.inputs)}")
+                raise ConfigError(f"TrainConfig.{name}: {unknown} are not among the catalogue inputs "
+                                  f"{list(self.catalogue_inputs)} of inputs {list(self.inputs)}")
         if self.n_folds < 0 or (self.n_folds and not 0 <= self.holdout_fold < self.n_folds):
             raise ConfigError(
                 f"TrainConfig: n_folds={self.n_folds}, holdout_fold={self.holdout_fold}; "
@@ -105,16 +108,35 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig: epochs={self.epochs}, batch_size={self.batch_size}; expected >= 1")
 
     @property
+    def catalogue_inputs(self) -> tuple[str, ...]:
+        """Modalities read from the catalogue: non-colour inputs and the magnitudes behind colours, table order."""
+        return catalogue_inputs(self.inputs)
+
+    @property
+    def catalogue_columns(self) -> tuple[str, ...]:
+        return tuple(self.columns.get(m, SCALARS_BY_NAME[m].column) for m in self.catalogue_inputs)
+
+    @property
     def input_columns(self) -> tuple[str, ...]:
-        return tuple(self.columns.get(m, SCALARS_BY_NAME[m].column) for m in self.inputs)
+        """The tokenizer column of each input: its catalogue column, or a colour's own name."""
+        cat = dict(zip(self.catalogue_inputs, self.catalogue_columns))
+        return tuple(cat.get(m, m) for m in self.inputs)
+
+    @property
+    def derived(self) -> tuple[tuple[str, str, str], ...]:
+        """(colour column, catalogue column a, catalogue column b) for the tokenizer, one per colour input."""
+        cat = dict(zip(self.catalogue_inputs, self.catalogue_columns))
+        return tuple((m, cat[SCALARS_BY_NAME[m].derived_from[0]], cat[SCALARS_BY_NAME[m].derived_from[1]])
+                     for m in self.inputs if SCALARS_BY_NAME[m].derived_from)
 
     @property
     def error_columns(self) -> tuple[str | None, ...]:
-        return tuple(self.error_columns_by_input.get(m, SCALARS_BY_NAME[m].error_column) for m in self.inputs)
+        """One per catalogue input (None: no error column)."""
+        return tuple(self.error_columns_by_input.get(m, SCALARS_BY_NAME[m].error_column) for m in self.catalogue_inputs)
 
 
 def read_training_table(paths: list[str], cfg: TrainConfig) -> pa.Table:
-    want = [cfg.id_column, *cfg.input_columns, cfg.z_column]
+    want = [cfg.id_column, *cfg.catalogue_columns, cfg.z_column]
     tables = []
     for path in paths:
         schema = pq.read_schema(path)
@@ -138,11 +160,11 @@ def split_masks(ids: np.ndarray, cfg: TrainConfig) -> dict[str, np.ndarray]:
 
 
 class _Batches:
-    """Tokenizes (noisy) magnitudes for a set of rows; redshift tokens are fixed."""
+    """Tokenizes (noisy) catalogue values for a set of rows (colours from the noisy magnitudes); redshift tokens are fixed."""
 
     def __init__(self, table: pa.Table, rows: np.ndarray, cfg: TrainConfig, tok: ScalarTokenizer) -> None:
         self.cfg, self.tok = cfg, tok
-        self.values = np.stack([table[c].to_numpy()[rows] for c in cfg.input_columns], axis=1).astype(np.float64)
+        self.values = np.stack([table[c].to_numpy()[rows] for c in cfg.catalogue_columns], axis=1).astype(np.float64)
         errs = [table[c].to_numpy()[rows] if c and c in table.column_names else np.zeros(len(rows)) for c in cfg.error_columns]
         self.errors = np.nan_to_num(np.stack(errs, axis=1).astype(np.float64), nan=0.0, posinf=0.0)
         self.errors[missing_mask(self.errors, tok.config.sentinels)] = 0.0
@@ -154,8 +176,8 @@ class _Batches:
         vals = self.values[idx]
         if rng is not None:
             vals = vals + rng.standard_normal(vals.shape) * self.errors[idx]
-        enc = self.tok.encode({c: vals[:, j] for j, c in enumerate(self.cfg.input_columns)})
-        n_in = len(self.cfg.input_columns)
+        enc = self.tok.encode({c: vals[:, j] for j, c in enumerate(self.cfg.catalogue_columns)})
+        n_in = len(self.cfg.inputs)
         return enc.tokens[:, :n_in], ~enc.missing[:, :n_in]
 
 
@@ -203,7 +225,8 @@ def train(paths: list[str], cfg: TrainConfig, out_dir: str, resume: bool = False
         _check_resumable(checkpoint.read_meta(last), cfg, last)
         tokenizer = ScalarTokenizer.load(last / checkpoint.TOKENIZER)
     else:
-        tok_cfg = ScalarTokenizerConfig(columns=cfg.input_columns + (cfg.z_column,), n_bins=cfg.n_bins, rng_seed=cfg.seed)
+        tok_cfg = ScalarTokenizerConfig(columns=cfg.input_columns + (cfg.z_column,), n_bins=cfg.n_bins, rng_seed=cfg.seed,
+                                        derived=cfg.derived)
         tokenizer = ScalarTokenizer(tok_cfg).fit([table.take(rows["train"])])
     model_cfg = ModelConfig(
         input_modalities=cfg.inputs, target_modalities=cfg.inputs + (REDSHIFT,), n_bins=cfg.n_bins, dim=cfg.dim,
@@ -245,7 +268,7 @@ def train(paths: list[str], cfg: TrainConfig, out_dir: str, resume: bool = False
     temperature, calibration = calibrate(logits_of("val"), edges, data["val"].z, cfg.calibration)
     bundle = ModelBundle(
         model=model, tokenizer=tokenizer,
-        meta={"model_id": cfg.model_id, "inputs": dict(zip(cfg.inputs, cfg.input_columns)),
+        meta={"model_id": cfg.model_id, "inputs": dict(zip(cfg.catalogue_inputs, cfg.catalogue_columns)),
               "target_columns": {REDSHIFT: cfg.z_column}, "temperature": temperature, "calibration": calibration},
     )
     report = {"train_seconds": round(time.perf_counter() - t0, 1), "split": {k: len(v) for k, v in rows.items()},
@@ -371,8 +394,8 @@ def evaluate(logits: np.ndarray, temperature: float, edges: np.ndarray, centres:
 
 def knn_baseline(table: pa.Table, rows: dict[str, np.ndarray], cfg: TrainConfig, k: int = 10) -> dict:
     """kNN (k=10) on standardised r + colours, trained on train+val, scored on the holdout."""
-    mags = np.stack([table[c].to_numpy() for c in cfg.input_columns], axis=1).astype(np.float64)
-    feats = np.concatenate([mags[:, [len(cfg.inputs) // 2]], -np.diff(mags, axis=1)], axis=1)
+    mags = np.stack([table[c].to_numpy() for c in cfg.catalogue_columns], axis=1).astype(np.float64)
+    feats = np.concatenate([mags[:, [mags.shape[1] // 2]], -np.diff(mags, axis=1)], axis=1)
     fit_rows = np.concatenate([rows["train"], rows["val"]])
     z = table[cfg.z_column].to_numpy().astype(np.float64)
     pred = knn_regress(feats[fit_rows], z[fit_rows], feats[rows["holdout"]], k=k)

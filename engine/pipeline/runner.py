@@ -170,7 +170,7 @@ class _Ledger:
 def run_embed(cfg: EmbedConfig) -> dict:
     t0 = time.perf_counter()
     bundle = load_bundle(cfg.model_dir)  # fails early on a bad model dir
-    readable = list(bundle.config.input_modalities) + list(bundle.config.token_sizes)
+    readable = list(bundle.input_columns) + list(bundle.config.token_sizes)
     unknown = sorted(k for k in cfg.columns if k.split(".")[0] not in readable)
     if unknown:
         raise ConfigError(f"--columns names unknown modalities {unknown}; the model reads {readable}")

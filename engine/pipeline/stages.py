@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import CatalogError, ConfigError
-from engine.modalities import Z_PHOT_COLUMNS
+from engine.modalities import Z_PHOT_COLUMNS, catalogue_inputs
 from engine.model.config import ModelConfig
 from engine.model.redshift import REDSHIFT
 from engine.pipeline.images import IMAGE_FLAGS, ImageColumns, image_columns, tokenize_images
 from engine.pipeline.spectra import SPECTRUM_FLAGS, SpectrumColumns, spectrum_columns, tokenize_spectra
+from engine.tokenizers.scalar import missing_mask
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def flag_legend(config: ModelConfig) -> dict[str, int]:
     (engine.pipeline.spectra) or bad-cutout reasons (engine.pipeline.images)."""
     from engine.modalities.registry import entry
 
-    inputs = config.input_modalities + tuple(config.token_sizes)
+    inputs = catalogue_inputs(config.input_modalities) + tuple(config.token_sizes)
     legend = {**{f"missing_{m}": 1 << i for i, m in enumerate(inputs)}, "no_valid_input": NO_VALID_INPUT}
     kinds = {entry(m).kind for m in config.token_sizes}
     legend.update({**(SPECTRUM_FLAGS if "spectrum" in kinds else {}), **(IMAGE_FLAGS if "image" in kinds else {})})
@@ -117,11 +118,12 @@ class TokenizeStage:
         from engine.model.files import load_token_tokenizers, load_tokenizer, model_config
 
         self.tokenizer, inputs = load_tokenizer(model_dir)  # no model weights in tokenizer actors
-        self.modalities = tuple(inputs)
+        self.modalities = tuple(inputs)  # catalogue inputs: one flag bit each
         self.tok_columns = list(inputs.values())  # tokenizer's own names
         self.cat_columns = [(columns or {}).get(m, c) for m, c in zip(self.modalities, self.tok_columns)]
         self.id_column = id_column
         config, path = model_config(model_dir)
+        self.n_tokens = len(config.input_modalities)  # the tokenizer's first columns, colours formed from the magnitudes
         self.token_cols = token_inputs(config, columns)  # {} for scalar-only models: their path is unchanged
         self.token_tokenizers = load_token_tokenizers(path, config) if self.token_cols else {}
 
@@ -134,10 +136,11 @@ class TokenizeStage:
             values[tok_col] = col.to_numpy().astype(np.float64) if col.null_count == 0 else (
                 col.cast(pa.float64()).to_numpy(zero_copy_only=False))  # nulls -> NaN -> missing token
         enc = self.tokenizer.encode(values)
+        tokens = enc.tokens[:, : self.n_tokens]
         n_in = len(self.modalities)
-        tokens, missing = enc.tokens[:, :n_in], enc.missing[:, :n_in]
+        missing = np.stack([missing_mask(values[c], self.tokenizer.config.sentinels) for c in self.tok_columns], axis=1)
         flags = (missing.astype(np.int64) << np.arange(n_in)).sum(axis=1)
-        no_input = missing.all(axis=1)
+        no_input = enc.missing[:, : self.n_tokens].all(axis=1)
         extra = {}
         if self.token_cols:
             from engine.modalities.registry import entry

@@ -38,10 +38,19 @@ class ScalarTokenizerConfig:
     mag_max: float = np.inf
     magerr_cols: tuple[str, ...] = ()  # error columns checked against magerr_max
     magerr_max: float = np.inf
+    # Derived columns (column, a, b): column = a - b (a colour), formed from the source columns a and b at fit
+    # and encode time; missing where either source is. Sources need not be tokenized columns themselves.
+    derived: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.columns:
             raise ConfigError("ScalarTokenizerConfig.columns is empty; name at least one column")
+        for entry in self.derived:
+            if len(entry) != 3 or entry[0] not in self.columns or entry[0] in entry[1:]:
+                raise ConfigError(
+                    f"ScalarTokenizerConfig.derived entry {entry!r}; expected (column, a, b) with column one of "
+                    f"{list(self.columns)} and a, b other columns"
+                )
         if len(set(self.columns)) != len(self.columns):
             raise ConfigError(f"ScalarTokenizerConfig.columns has duplicates: {self.columns}")
         if self.binnings and len(self.binnings) != len(self.columns):
@@ -66,9 +75,15 @@ class ScalarTokenizerConfig:
         return self.binnings or ("quantile",) * len(self.columns)
 
     @property
+    def source_columns(self) -> tuple[str, ...]:
+        """Columns read from a catalogue: the tokenized ones, derived ones replaced by their sources."""
+        derived = {d[0]: d[1:] for d in self.derived}
+        return tuple(dict.fromkeys(c for col in self.columns for c in derived.get(col, (col,))))
+
+    @property
     def filter_columns(self) -> tuple[str, ...]:
         extra = ((self.mag_filter_col,) if self.mag_filter_col else ()) + self.magerr_cols
-        return tuple(dict.fromkeys(self.columns + extra))
+        return tuple(dict.fromkeys(self.source_columns + extra))
 
 
 def missing_mask(values: np.ndarray, sentinels: Iterable[float]) -> np.ndarray:
@@ -213,6 +228,7 @@ class ScalarTokenizer:
         for source in sources:
             n_sources += 1
             for batch in _iter_batches(source, cfg.filter_columns, batch_rows):
+                batch = self.with_derived(batch)
                 keep = self._row_filter(batch)
                 for col in cfg.columns:
                     vals = np.asarray(batch[col], dtype=np.float64)[keep]
@@ -244,6 +260,7 @@ class ScalarTokenizer:
         """Map column arrays to tokens. A column absent from ``columns`` is all-missing."""
         self._require_fitted()
         names = self.config.columns
+        columns = self.with_derived(columns)
         n = len(next(iter(columns.values()))) if columns else 0
         tokens = np.empty((n, len(names)), dtype=np.int32)
         missing = np.empty((n, len(names)), dtype=bool)
@@ -259,6 +276,18 @@ class ScalarTokenizer:
             tokens[:, j] = tok
             missing[:, j] = bad
         return ScalarTokens(tokens=tokens, missing=missing, columns=names)
+
+    def with_derived(self, columns: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """``columns`` plus each derived column not given whose two sources are; NaN where a source is missing."""
+        todo = [d for d in self.config.derived if d[0] not in columns and d[1] in columns and d[2] in columns]
+        if not todo:
+            return columns
+        out = dict(columns)
+        for name, a, b in todo:
+            va, vb = (np.asarray(columns[c], dtype=np.float64) for c in (a, b))
+            bad = missing_mask(va, self.config.sentinels) | missing_mask(vb, self.config.sentinels)
+            out[name] = np.where(bad, np.nan, va - vb)
+        return out
 
     def _lookup(self, col: str) -> BinLookup:
         """The column's bin search over its inner edges (values beyond the fitted range clip to the end bins)."""
@@ -310,6 +339,7 @@ class ScalarTokenizer:
                 raw[k] = default
         for k in ("columns", "binnings", "sentinels", "magerr_cols"):
             raw[k] = tuple(raw.get(k) or ())
+        raw["derived"] = tuple(tuple(d) for d in raw.get("derived") or ())
         tok = cls(ScalarTokenizerConfig(**raw))
         tok.edges = {c: np.asarray(state["edges"][c], dtype=np.float64) for c in tok.config.columns}
         tok.centres = {c: np.asarray(state["centres"][c], dtype=np.float64) for c in tok.config.columns}

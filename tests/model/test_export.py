@@ -60,7 +60,7 @@ def test_exported_matches_eager_on_real_rows_with_missing_inputs(exported, model
 def test_export_meta_and_errors(exported, model_dir, tmp_path):
     _, meta = exported
     bundle = ModelBundle.load(model_dir)
-    assert meta["model_id"] == bundle.model_id and list(meta["inputs"]) == list(bundle.config.input_modalities)
+    assert meta["model_id"] == bundle.model_id and meta["token_order"] == list(bundle.config.input_modalities)
     assert len(meta["redshift_edges"]) == bundle.config.n_bins + 1
     assert meta["temperature"] == bundle.meta["temperature"]
     bad = tmp_path / "bad.pt"

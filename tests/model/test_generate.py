@@ -8,9 +8,9 @@ from engine.model.generate import filtered_probs, sample_with_temperature, stack
 from engine.model.train import TrainConfig, split_masks, train
 from engine.sample import SAMPLE_PATH
 
-# Trained with input masking so the magnitude heads learn to fill in a hidden band (the shipped
-# default model trained without it, so only its redshift head is meaningful).
-MASKED = TrainConfig(epochs=6, batch_size=128, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, n_bins=64,
+# Trained on the five magnitudes (no colour inputs) with input masking so the magnitude heads learn to fill
+# in a hidden band (the shipped default model trained without it, so only its redshift head is meaningful).
+MASKED = TrainConfig(inputs=tuple(f"mag_{b}" for b in "ugriz"), epochs=6, batch_size=128, dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, n_bins=64,
                      input_drop_prob=0.5, recon_weight=1.0, lr=1e-2)
 
 

@@ -38,7 +38,8 @@ def test_training_never_sees_the_holdout(tiny, sample_table):
     bundle = ModelBundle.load(out)
     ids = sample_table["object_id"].to_numpy()
     train_rows = sample_table.filter(split_masks(ids, TINY)["train"])
-    refit = ScalarTokenizer(ScalarTokenizerConfig(columns=bundle.tokenizer.config.columns, n_bins=64)).fit([train_rows])
+    refit_cfg = ScalarTokenizerConfig(columns=bundle.tokenizer.config.columns, n_bins=64, derived=bundle.tokenizer.config.derived)
+    refit = ScalarTokenizer(refit_cfg).fit([train_rows])  # colours formed from the magnitude columns
     for c in bundle.tokenizer.config.columns:
         np.testing.assert_array_equal(refit.edges[c], bundle.tokenizer.edges[c])
     assert report["split"]["holdout"] == int(holdout_mask(ids).sum())

@@ -147,3 +147,53 @@ def test_bin_lookup_equals_searchsorted_everywhere(kind):
     ])
     got = BinLookup(inner, cells=257)(x)
     assert np.array_equal(got, np.searchsorted(inner, x, side="right"))
+
+
+# ---- colours: derived columns ----------------------------------------------------------------
+COLOURS = (("colour_ug", "mag_u", "mag_g"), ("colour_gr", "mag_g", "mag_r"))
+
+
+@pytest.fixture(scope="module")
+def with_colours(sample_table):
+    cfg = ScalarTokenizerConfig(columns=("mag_r", "colour_ug", "colour_gr"), n_bins=256, derived=COLOURS)
+    return ScalarTokenizer(cfg).fit([sample_table])
+
+
+def test_colours_are_fitted_and_encoded_from_the_magnitude_columns(with_colours, sample_table):
+    mags = {c: sample_table[c].to_numpy().astype(np.float64) for c in MAGS}
+    ug = mags["mag_u"] - mags["mag_g"]
+    # fitted on the colour values themselves: quantile edges of u - g, not of either magnitude
+    direct = ScalarTokenizer(ScalarTokenizerConfig(columns=("colour_ug",), n_bins=256)).fit(
+        [pa.table({"colour_ug": ug})])
+    np.testing.assert_array_equal(with_colours.edges["colour_ug"], direct.edges["colour_ug"])
+    enc = with_colours.encode(mags)  # only magnitudes given: the tokenizer forms the colours
+    np.testing.assert_array_equal(enc.tokens[:, 1], direct.encode({"colour_ug": ug}).tokens[:, 0])
+    # a colour keeps the precision of the catalogue values: its bin holds the true colour
+    centre = with_colours.decode(enc.tokens)["colour_ug"]
+    assert np.median(np.abs(centre - ug)) < 0.005
+    # given directly, a colour wins over the magnitudes
+    given = with_colours.encode({**mags, "colour_ug": np.full(len(ug), 1.5)})
+    assert (given.tokens[:, 1] == with_colours.encode({"colour_ug": np.array([1.5])}).tokens[0, 1]).all()
+
+
+def test_a_colour_is_missing_where_either_magnitude_is(with_colours):
+    u = np.array([19.0, 99.0, np.nan, 19.0, 19.0])
+    g = np.array([18.0, 18.0, 18.0, -99.0, 18.0])
+    r = np.array([17.5, 17.5, 17.5, 17.5, np.inf])
+    enc = with_colours.encode({"mag_u": u, "mag_g": g, "mag_r": r})
+    assert enc.missing[:, 1].tolist() == [False, True, True, True, False]  # u - g
+    assert enc.missing[:, 2].tolist() == [False, False, False, True, True]  # g - r
+    assert (enc.tokens[enc.missing] == with_colours.missing_token).all()
+
+
+def test_colour_config_round_trips_and_is_validated(with_colours, tmp_path):
+    assert with_colours.config.source_columns == ("mag_r", "mag_u", "mag_g")
+    with_colours.save(tmp_path / "tok.json")
+    back = ScalarTokenizer.load(tmp_path / "tok.json")
+    assert back.config == with_colours.config and back.config.derived == COLOURS
+    vals = {c: np.array([19.1, 18.2, 17.6, 17.2, 17.0])[[i]] for i, c in enumerate(MAGS)}
+    np.testing.assert_array_equal(back.encode(vals).tokens, with_colours.encode(vals).tokens)
+    with pytest.raises(ConfigError, match="derived entry"):
+        ScalarTokenizerConfig(columns=("mag_r",), derived=(("colour_ug", "mag_u", "mag_g"),))  # not a tokenized column
+    with pytest.raises(ConfigError, match="derived entry"):
+        ScalarTokenizerConfig(columns=("c",), derived=(("c", "c", "mag_g"),))
