@@ -10,9 +10,9 @@ the band's 99th-percentile detected magnitude for kNN).
 
 Baselines use r + colours (standardised for kNN, k=10; scikit-learn HistGradientBoostingRegressor).
 Metrics: sigma_NMAD, outlier fractions (|d|>0.15 and LSST's |d|>max(0.06, 3 sigma_IQR)), bias,
-68/95 % interval coverage and PIT of our p(z). Our p(z) temperature is fitted on the validation split
-to make the 68/95 % intervals cover as claimed (``TrainConfig.calibration="coverage"``); the same
-models scored with the NLL-fitted temperature are reported as ``ours_nll_temperature``. Prints JSON; writes benchmarks/results/bench_photoz[_quick].json
+68/95 % interval coverage and PIT of our p(z). Our p(z) is calibrated on the validation split
+(``TrainConfig.calibration``); the same models are also scored with the coverage temperature alone
+(``ours_temperature_only``) and with the NLL-fitted temperature (``ours_nll_temperature``). Prints JSON; writes benchmarks/results/bench_photoz[_quick].json
 and PNGs (z_phot vs z_spec, PIT histogram).
 
     python benchmarks/bench_photoz.py [--quick] [--epochs N] [--threads N] [--set field=json_value ...]
@@ -74,17 +74,24 @@ def train_sdss_fold(f: int, cfg_kwargs: dict, work: Path) -> tuple[Path, dict]:
     return out, train([str(SAMPLE_PATH)], cfg, str(out))
 
 
+VARIANTS = ("ours", "ours_temperature_only", "ours_nll_temperature")  # calibrations scored on the same logits
+
+
 def score_model(model_dir: str, table: pa.Table, z_true: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    """Summaries + PIT with the bundle's calibrated temperature ("ours") and, for comparison, with the
-    NLL-fitted temperature the calibration started from ("ours_nll_temperature"): same model, same logits."""
+    """Summaries + PIT with the bundle's calibration ("ours") and, for comparison on the same logits, with
+    the coverage temperature alone ("ours_temperature_only": no PIT map) and with the NLL-fitted temperature
+    the calibration started from ("ours_nll_temperature")."""
     bundle = ModelBundle.load(model_dir)
     tokens = bundle.tokenize({m: table[c].to_numpy() for m, c in bundle.input_columns.items()})
     tok, valid = stack_tokens(bundle, tokens)
-    temperatures = {"ours": bundle.meta["temperature"],
-                    "ours_nll_temperature": bundle.meta.get("calibration", {}).get("temperature_nll", bundle.meta["temperature"])}
+    calibration = bundle.meta.get("calibration", {})
+    bare = {k: v for k, v in calibration.items() if k != "pit_map"}
+    variants = {"ours": (bundle.meta["temperature"], calibration),
+                "ours_temperature_only": (bundle.meta["temperature"], bare),
+                "ours_nll_temperature": (calibration.get("temperature_nll", bundle.meta["temperature"]), bare)}
     scored = {}
-    for name, t in temperatures.items():
-        bundle.meta["temperature"] = t
+    for name, (t, cal) in variants.items():
+        bundle.meta["temperature"], bundle.meta["calibration"] = t, cal
         out = generate_from_tokens(bundle, tok, valid, [REDSHIFT], seed=SEED, return_probs=True)[REDSHIFT]
         out["pit"] = pit(out["probs"], out["edges"], z_true)
         scored[name] = {k: v for k, v in out.items() if k not in ("probs", "edges", "samples")}
@@ -121,7 +128,7 @@ def sdss(cfg_kwargs: dict, folds: list[int], work: Path) -> tuple[dict, dict]:
     fold = kfold_index(ids, N_FOLDS)
     mags = np.stack([table[f"mag_{b}"].to_numpy() for b in "ugriz"], axis=1).astype(np.float64)
     feats = r_and_colours(mags, 2)
-    preds: dict[str, list] = {"ours": [], "ours_nll_temperature": [], "knn": [], "gbm": [], "z": [], "object_id": []}
+    preds: dict[str, list] = {**{v: [] for v in VARIANTS}, "knn": [], "gbm": [], "z": [], "object_id": []}
     train_seconds, temperatures = [], []
     for f in folds:
         hold = fold == f
@@ -138,11 +145,10 @@ def sdss(cfg_kwargs: dict, folds: list[int], work: Path) -> tuple[dict, dict]:
         preds["object_id"].append(ids[hold])
     z_all = np.concatenate(preds["z"])
     assert len(np.unique(np.concatenate(preds["object_id"]))) == len(z_all)  # each object scored once
-    ours, nll = ({k: np.concatenate([p[k] for p in preds[name]]) for k in preds[name][0]}
-                 for name in ("ours", "ours_nll_temperature"))
+    joined = {name: {k: np.concatenate([p[k] for p in preds[name]]) for k in preds[name][0]} for name in VARIANTS}
+    ours = joined["ours"]
     res = {"n_scored": len(z_all), "folds_scored": folds, "n_folds": N_FOLDS, "train_seconds_per_fold": train_seconds,
-           "calibration_per_fold": temperatures, "ours": metrics(ours, z_all),
-           "ours_nll_temperature": metrics(nll, z_all),
+           "calibration_per_fold": temperatures, **{name: metrics(v, z_all) for name, v in joined.items()},
            "knn": {"method": "kNN k=10, standardised r + colours", **photoz_metrics(np.concatenate(preds["knn"]), z_all)},
            "gbm": {"method": "HistGradientBoostingRegressor, r + colours",
                    **photoz_metrics(np.concatenate(preds["gbm"]), z_all)}}
@@ -184,7 +190,8 @@ def dc2(cfg_kwargs: dict, work: Path) -> tuple[dict, dict]:
     base = baselines(f_fit, train_t["redshift"].to_numpy().astype(np.float64), f_score, fill)
     res = {"n_train_file": train_t.num_rows, "n_scored": len(z), "model_split": report["split"],
            "train_seconds": report["train_seconds"], "temperature": report["temperature"],
-           "calibration": report["calibration"], "ours_nll_temperature": metrics(scored["ours_nll_temperature"], z),
+           "calibration": report["calibration"],
+           **{name: metrics(scored[name], z) for name in VARIANTS if name != "ours"},
            "non_detection_frac": {b: float(np.mean(np.isnan(m_score[:, j]))) for j, b in enumerate(LSST)},
            "ours": metrics(ours, z),
            "knn": {"method": "kNN k=10, standardised r + colours (non-detected colours -> training median)",

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-bins", type=int, default=TrainConfig.n_bins)
     p.add_argument("--holdout-fraction", type=float, default=TrainConfig.holdout_fraction)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--calibration", choices=CALIBRATIONS, default=TrainConfig.calibration, help="p(z) temperature fit")
+    p.add_argument("--calibration", choices=CALIBRATIONS, default=TrainConfig.calibration, help="p(z) calibration on the validation split (TrainConfig.calibration)")
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every_steps,
                    help="also checkpoint every N optimizer steps (0: only at epoch ends)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")

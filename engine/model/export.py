@@ -9,7 +9,9 @@ The module is traced (``torch.jit.trace``) with the batch dimension free; rows w
 get a NaN embedding, as in ``ModelBundle.predict``. The logits are raw: ``meta`` (a JSON file inside
 the .pt archive) holds the token order (``token_order``: the model's inputs, colours formed by the
 tokenizer from the catalogue ``inputs``) and what is needed to turn them into the bundle's p(z)
-(``softmax(logits / meta["temperature"])``, summarised over ``meta["redshift_edges"]``), the
+(``engine.model.redshift.redshift_probs(logits, meta["temperature"], meta["calibration"])``: the
+softmax at that temperature, then the PIT map if the calibration has one; summarised over
+``meta["redshift_edges"]``), the
 record of how that temperature was calibrated and the model id.
 """
 

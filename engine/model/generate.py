@@ -17,8 +17,8 @@ inputs. A spectrum target returns ``tokens`` (B, G, N) and the decoded ``flux`` 
 The encoder runs once per batch and the decoder answers every target from the same encoder
 states (one decoder query per target, so a target's answer does not depend on the other targets). To predict a modality from the others, leave it out of ``inputs`` (or pass NaN): a
 target that is also given as input is seen by the encoder. Redshift logits are divided by the
-bundle's calibrated temperature before the sampling ``temperature`` applies; other targets are
-not calibrated. Rows with no valid input get NaN outputs. The functions take the bundle as
+bundle's calibrated temperature (and p(z) goes through its PIT map, if it has one) before the
+sampling ``temperature`` applies; other targets are not calibrated. Rows with no valid input get NaN outputs. The functions take the bundle as
 their first argument; ``ModelBundle`` exposes them as thin methods.
 """
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from engine.model.redshift import REDSHIFT, summarize
+from engine.model.redshift import REDSHIFT, recalibrate, redshift_probs, summarize
 from engine.model.files import token_column
 
 if TYPE_CHECKING:
@@ -196,10 +196,10 @@ def predict_scalars(
         out = {"embedding": bundle.model.pool(states, val).float().cpu().numpy()}
         for t in targets:  # one decoder pass per target, as in generate_from_tokens
             lg = bundle.model.decode_logits(states, val, [t])[t].float().cpu().double()  # (B, V)
-            temperature = float(bundle.meta.get("temperature", 1.0)) if t == REDSHIFT else 1.0
             column = token_column(bundle.meta, t)
-            summary = summarize((lg / temperature).softmax(dim=1).numpy(), bundle.tokenizer.edges[column],
-                                bundle.tokenizer.centres[column])
+            probs = (redshift_probs(lg.numpy(), float(bundle.meta.get("temperature", 1.0)), bundle.meta.get("calibration"))
+                     if t == REDSHIFT else lg.softmax(dim=1).numpy())
+            summary = summarize(probs, bundle.tokenizer.edges[column], bundle.tokenizer.centres[column])
             out.update(summary if t == REDSHIFT else {f"{t}_{k.removeprefix('z_phot_')}": v for k, v in summary.items()})
     empty = ~val.cpu().numpy().any(axis=1)
     for v in out.values():
@@ -322,6 +322,7 @@ def generate_from_tokens(
     model = bundle.model
     device = next(model.parameters()).device
     calibrated = {t: float(bundle.meta.get("temperature", 1.0)) if t == REDSHIFT else 1.0 for t in targets}
+    pit_map = bundle.meta.get("calibration", {}).get("pit_map")
     multi = dict(multi or {})
     parts: dict[str, list[dict[str, np.ndarray]]] = {t: [] for t in targets}
     empty = ~np.asarray(valid).any(axis=1)
@@ -340,6 +341,8 @@ def generate_from_tokens(
             # One decoder pass per target: decoder queries attend to each other, so decoding targets
             # together would make each answer depend on which others were asked (predict asks redshift alone).
             lg = model.decode_logits(states, val, [t])[t].float().cpu().double() / calibrated[t]  # (b, V), as in ModelBundle.predict
+            if t == REDSHIFT and pit_map:  # sample from the recalibrated p(z): its log as logits
+                lg = torch.from_numpy(np.log(np.maximum(recalibrate(lg.softmax(dim=1).numpy(), pit_map), 1e-300)))
             idx = sample_with_temperature(lg, temperature, top_k, top_p, num_generations, gen)  # (b, G)
             probs = lg.softmax(dim=1).numpy()  # (b, V) the calibrated p, before sampling filters
             parts[t].append({"idx": idx.numpy(), "probs": probs})

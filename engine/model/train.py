@@ -26,7 +26,8 @@ from engine.index.knn import knn_regress
 from engine.model import checkpoint
 from engine.model.bundle import REDSHIFT, ModelBundle
 from engine.model.config import ModelConfig
-from engine.model.redshift import coverage, fit_coverage_temperature, photoz_metrics, pit, softmax, summarize
+from engine.model.redshift import (coverage, fit_coverage_temperature, fit_pit_map, photoz_metrics, pit, redshift_probs,
+                                   softmax, summarize)
 from engine.model.transformer import MultimodalTransformer
 from engine.modalities import SCALARS_BY_NAME, catalogue_inputs
 from engine.sample import holdout_mask, kfold_index
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 # r plus the four SDSS colours, formed by the tokenizer from the ugriz magnitudes. SDSS 5-fold, folds 0-1, 15 epochs:
 # holdout sigma_NMAD 0.0141 / 0.0134 against 0.0162 / 0.0150 from the five magnitudes (README).
 DEFAULT_INPUTS = ("mag_r", "colour_ug", "colour_gr", "colour_ri", "colour_iz")
-CALIBRATIONS = ("coverage", "nll")
+CALIBRATIONS = ("pit", "coverage", "nll")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,11 @@ class TrainConfig:
     decoder_depth: int = 2
     num_heads: int = 4
     threads: int = 2
-    # p(z) temperature fitted on the validation split: "coverage" makes the 68/95 % intervals cover as often as
-    # they claim; "nll" minimises the negative log-likelihood (left SDSS CV 68 % intervals at ~73 % coverage)
-    calibration: str = "coverage"
+    # p(z) calibration on the validation split: "coverage" fits the temperature that makes the 68/95 % intervals
+    # cover as often as they claim; "pit" (default) then also reshapes p(z) with a PIT map (redshift.fit_pit_map;
+    # SDSS folds 0-1: 95 % intervals cover 95.4 % against 91.9 % with the temperature alone); "nll" fits the
+    # temperature by negative log-likelihood
+    calibration: str = "pit"
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: only at the end of each epoch)
     keep_checkpoints: int = 2  # newest checkpoint directories kept
     model: dict = field(default_factory=dict)  # extra ModelConfig fields
@@ -274,7 +277,7 @@ def train(paths: list[str], cfg: TrainConfig, out_dir: str, resume: bool = False
     report = {"train_seconds": round(time.perf_counter() - t0, 1), "split": {k: len(v) for k, v in rows.items()},
               "temperature": temperature, "calibration": calibration, "steps": st.step}
     if len(rows["holdout"]):
-        report["holdout"] = evaluate(logits_of("holdout"), temperature, edges, centres, data["holdout"].z)
+        report["holdout"] = evaluate(logits_of("holdout"), temperature, edges, centres, data["holdout"].z, calibration)
         report["holdout_knn_baseline"] = knn_baseline(table, rows, cfg)
     bundle.save(out_dir, extra={"training": {"config": asdict(cfg), "catalogs": [str(p) for p in paths], **report}})
     return report
@@ -365,6 +368,9 @@ def calibrate(val_logits: np.ndarray, edges: np.ndarray, z: np.ndarray, method: 
     if method == "nll":
         return t_nll, {"method": "nll_temperature", "n_rows": int(len(z))}
     t, record = fit_coverage_temperature(val_logits, edges, z)
+    if method == "pit":
+        u = pit(softmax(val_logits, t), edges, z)
+        record = {**record, "method": "coverage_temperature+pit_map", "pit_map": fit_pit_map(u)}
     return t, {**record, "temperature_nll": t_nll}
 
 
@@ -381,8 +387,9 @@ def calibrate_temperature(logits: np.ndarray, edges: np.ndarray, z: np.ndarray) 
     return best_t
 
 
-def evaluate(logits: np.ndarray, temperature: float, edges: np.ndarray, centres: np.ndarray, z: np.ndarray) -> dict:
-    probs = softmax(logits, temperature)
+def evaluate(logits: np.ndarray, temperature: float, edges: np.ndarray, centres: np.ndarray, z: np.ndarray,
+             calibration: dict | None = None) -> dict:
+    probs = redshift_probs(logits, temperature, calibration)
     s = summarize(probs, edges, centres)
     out = {name: photoz_metrics(s[name], z) for name in ("z_phot_mean", "z_phot_median", "z_phot_mode")}
     out["coverage_68"] = coverage(s["z_phot_l68"], s["z_phot_u68"], z)

@@ -6,7 +6,7 @@ import torch
 
 from engine.errors import ConfigError, ModelError
 from engine.model.bundle import ModelBundle, resolve_device_dtype
-from engine.model.redshift import REDSHIFT, softmax, summarize
+from engine.model.redshift import REDSHIFT, recalibrate, softmax, summarize
 from engine.model.train import TrainConfig, split_masks, train
 from engine.sample import SAMPLE_PATH, holdout_mask, kfold_index
 from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig
@@ -89,11 +89,11 @@ def test_model_dir_errors(tmp_path):
         TrainConfig(inputs=("mag_w1",))
 
 
-def test_coverage_calibration_is_stored_and_applied_by_predict(tiny, sample_table):
+def test_calibration_is_stored_and_applied_by_predict(tiny, sample_table):
     out, report = tiny
     bundle = ModelBundle.load(out)
     cal = bundle.meta["calibration"]
-    assert cal["method"] == "coverage_temperature" and cal["n_rows"] == report["split"]["val"]
+    assert cal["method"] == "coverage_temperature+pit_map" and cal["n_rows"] == report["split"]["val"]
     assert bundle.meta["temperature"] == report["temperature"] and cal["temperature_nll"] > 0
     assert cal["coverage_fitted"] == pytest.approx([0.6827, 0.95], abs=0.03)  # on the validation split it was fitted on
     enc = bundle.tokenizer.encode({c: sample_table[c].to_numpy()[:200] for c in bundle.input_columns.values()})
@@ -102,8 +102,9 @@ def test_coverage_calibration_is_stored_and_applied_by_predict(tiny, sample_tabl
         _, lg = bundle.model(torch.from_numpy(tok).long(), torch.from_numpy(valid), [REDSHIFT])
     logits = lg[REDSHIFT].numpy().astype(np.float64)
     edges, centres = bundle.redshift_bins()
-    expected = summarize(softmax(logits, bundle.meta["temperature"]), edges, centres)
-    got = bundle.predict(tok, valid)  # predict reads the stored, coverage-fitted temperature
+    expected = summarize(recalibrate(softmax(logits, bundle.meta["temperature"]), cal["pit_map"]), edges, centres)
+    got = bundle.predict(tok, valid)  # predict reads the stored temperature and PIT map
     np.testing.assert_allclose(got["z_phot_u68"], expected["z_phot_u68"], atol=1e-6)
-    other = summarize(softmax(logits, 2 * bundle.meta["temperature"]), edges, centres)
-    assert np.abs(other["z_phot_u68"] - expected["z_phot_u68"]).max() > 1e-3
+    for other_probs in (softmax(logits, 2 * bundle.meta["temperature"]), softmax(logits, bundle.meta["temperature"])):
+        other = summarize(other_probs, edges, centres)  # another temperature; the same one without the map
+        assert np.abs(other["z_phot_u95"] - expected["z_phot_u95"]).max() > 1e-3
