@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UnitsFailedError
 from engine.modalities.images import Image
 from engine.model.bundle import ModelBundle
 from engine.model.image_data import IMAGE_SCALARS, cut_field, measure_stamps
@@ -238,3 +238,15 @@ def test_cutout_columns_are_remappable_and_checked(stamps):
     assert "has type string; expected list<float>" in check_image_field(schema, "s", "tok_image_cfht_i cutout")
     assert "is missing" in check_image_field(schema, "nope", "tok_image_cfht_i cutout")
     assert check_image_field(table.schema, "cutout_cfht_i", "cutout") is None
+
+
+def test_a_file_whose_cutout_column_is_not_an_image_fails_before_any_work(stamps, tmp_path):
+    table = _catalogue(stamps).slice(0, 4)
+    pq.write_table(table, tmp_path / "good.parquet")
+    bad = table.set_column(1, "cutout_cfht_i", pa.array(["a", "b", "c", "d"]))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    cfg = EmbedConfig(catalog=(str(tmp_path / "*.parquet"),), out=str(tmp_path / "out.lance"), model_dir=str(MODEL))
+    with pytest.raises(UnitsFailedError, match=r"bad.parquet: column 'cutout_cfht_i' \(tok_image_cfht_i cutout\) has type "
+                                               r"string; expected list<float>"):
+        run_embed(cfg)
+    assert not (tmp_path / "out.lance").exists()
