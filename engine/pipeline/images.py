@@ -97,7 +97,7 @@ def check_image_field(schema: pa.Schema, column: str, role: str) -> str | None:
         return f"required column {column!r} ({role}) is missing; the file has {schema.names}"
     typ = schema.field(column).type
     if isinstance(typ, pa.FixedShapeTensorType):
-        if len(typ.shape) not in (2, 3) or not _numeric(typ.value_type) or typ.permutation not in (None, sorted(typ.permutation)):
+        if len(typ.shape) not in (2, 3) or not _numeric(typ.value_type) or typ.permutation not in (None, list(range(len(typ.shape)))):
             return (f"column {column!r} ({role}) is a tensor of shape {typ.shape}, {typ.value_type}, permutation "
                     f"{typ.permutation}; expected a row-major numeric tensor of shape (H, W) or (bands, H, W)")
         return None
@@ -183,7 +183,7 @@ def read_cutouts(col: pa.ChunkedArray | pa.Array, n_bands: int) -> Cutouts:
 
 
 def _binary(arr: pa.Array, n_bands: int) -> Cutouts:
-    """Binary float32 little-endian flat stamps -> Cutouts (values gathered per row, so rows need no alignment)."""
+    """Binary float32 little-endian flat stamps -> Cutouts (bytes gathered, so rows need no 4-byte alignment)."""
     null = arr.is_null().to_numpy(zero_copy_only=False)
     offsets_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(arr.buffers()[1], offsets_type)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
@@ -193,7 +193,8 @@ def _binary(arr: pa.Array, n_bands: int) -> Cutouts:
     shape, bad = _flat(n_pix, null, n_bands)
     bad |= ~null & (n_bytes % 4 != 0)
     keep = np.flatnonzero(~null & ~bad)
-    idx = np.concatenate([offsets[i] + np.arange(4 * n_pix[i]) for i in keep]) if len(keep) else np.zeros(0, np.int64)
+    n_kept = 4 * n_pix[keep]  # bytes of each kept row, gathered into one contiguous run
+    idx = np.repeat(offsets[keep] - (np.cumsum(n_kept) - n_kept), n_kept) + np.arange(n_kept.sum())
     values = data[idx].view("<f4").astype(np.float64)
     n_pix = np.where(null | bad, 0, n_pix)
     return Cutouts(values, np.cumsum(n_pix) - n_pix, shape, null, bad)

@@ -238,6 +238,24 @@ def test_cutout_columns_are_remappable_and_checked(stamps):
     assert "has type string; expected list<float>" in check_image_field(schema, "s", "tok_image_cfht_i cutout")
     assert "is missing" in check_image_field(schema, "nope", "tok_image_cfht_i cutout")
     assert check_image_field(table.schema, "cutout_cfht_i", "cutout") is None
+    tensors = pa.schema([pa.field("t", pa.fixed_shape_tensor(pa.float32(), (49, 49))),
+                         pa.field("p", pa.fixed_shape_tensor(pa.float32(), (49, 49), permutation=[1, 0])),
+                         pa.field("b", pa.binary())])
+    assert check_image_field(tensors, "t", "cutout") is None and check_image_field(tensors, "b", "cutout") is None
+    assert "permutation [1, 0]; expected a row-major numeric tensor" in check_image_field(tensors, "p", "cutout")
+
+
+def test_broken_binary_and_flat_cutouts_are_flagged_not_fatal(stamps):
+    pixels = stamps[0][:4].reshape(4, -1)
+    raw = [pixels[0].astype("<f4").tobytes()[:-2], None, pixels[2].astype("<f4").tobytes(), pixels[3][:-7].astype("<f4").tobytes()]
+    table = pa.table({"object_id": pa.array(np.arange(4), pa.int64()), "cutout_cfht_i": pa.array(raw, pa.binary()),
+                      **{c: pa.array([None] * 4, pa.float64()) for c in COLUMNS.values()}})
+    out = TokenizeStage(str(MODEL))(table.slice(0, 4))
+    broken = NO_SCALARS | MISSING_IMG | NO_VALID_INPUT
+    assert out["flags"].to_pylist() == [broken | BAD_SHAPE, broken, NO_SCALARS, broken | BAD_SHAPE]
+    tok = ModelBundle.load(MODEL).token_tokenizers[IMG]
+    direct = tok.encode([Image(pixels[2].reshape(1, 49, 49).astype(np.float64), ("CFHT-I",), SCALE)])
+    np.testing.assert_array_equal(np.asarray(out[IMG][2].as_py()), direct[0])
 
 
 def test_a_file_whose_cutout_column_is_not_an_image_fails_before_any_work(stamps, tmp_path):
