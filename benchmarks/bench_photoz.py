@@ -235,17 +235,17 @@ def plots(curves: dict[str, dict], suffix: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true", help="2 of the 5 folds scored, 15 epochs (< 5 min)")
+    p.add_argument("--quick", action="store_true", help="2 of the 5 folds scored (< 5 min)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="TrainConfig override")
     p.add_argument("--only", choices=("sdss", "dc2"), default=None)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per training (default 1 with --quick, else 2; on a busy 2-core machine "
+                   help="torch threads per training (default 1; on a busy 2-core machine "
                         "1 thread trained ~10x faster per step than 2, which stall on each other)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(SEED)
-    cfg_kwargs = {"epochs": a.epochs or (15 if a.quick else 60), "threads": a.threads or (1 if a.quick else 2)}
+    cfg_kwargs = {"epochs": a.epochs or TrainConfig.epochs, "threads": a.threads or 1}
     for item in a.set:
         k, v = item.split("=", 1)
         cfg_kwargs[k] = json.loads(v)

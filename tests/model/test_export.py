@@ -9,7 +9,7 @@ import torch
 from engine.errors import ModelError
 from engine.model.bundle import ModelBundle
 from engine.model.export import export_torchscript, load_exported
-from engine.model.redshift import REDSHIFT, softmax, summarize
+from engine.model.redshift import REDSHIFT, redshift_probs, summarize
 from engine.sample import holdout_mask
 from jobs.export import main as export_main
 
@@ -51,7 +51,8 @@ def test_exported_matches_eager_on_real_rows_with_missing_inputs(exported, model
     assert np.abs(logits.numpy() - eager_logits[REDSHIFT].numpy()).max() < 1e-5
     # the meta inside the file turns the logits into the bundle's calibrated summaries
     edges, centres = np.array(meta["redshift_edges"]), np.array(meta["redshift_centres"])
-    probs = softmax(logits.numpy().astype(np.float64), meta["temperature"])
+    probs = redshift_probs(logits.numpy().astype(np.float64), meta["temperature"], meta["calibration"])
+    assert meta["calibration"]["pit_map"]  # the default model's p(z) goes through a PIT map: the meta carries it
     s = summarize(probs[ok], edges, centres)
     np.testing.assert_allclose(s["z_phot_median"], eager["z_phot_median"][ok], atol=1e-5)
     np.testing.assert_allclose(s["z_phot_u68"], eager["z_phot_u68"][ok], atol=1e-5)

@@ -72,8 +72,8 @@ def test_temperature_sharpens_and_seeds_reproduce():
 # ---- API on the shipped model ------------------------------------------------------------
 def test_unsupported_target_lists_supported_ones(default_bundle, sample_table):
     inputs = _inputs(default_bundle, sample_table, np.arange(4))
-    assert default_bundle.supported_targets == ("mag_u", "mag_g", "mag_r", "mag_i", "mag_z", "redshift")
-    with pytest.raises(ValueError, match=r"unsupported target\(s\) \['stellar_mass'\]; supported targets: \['mag_u'.*'redshift'\]"):
+    assert default_bundle.supported_targets == ("mag_r", "colour_ug", "colour_gr", "colour_ri", "colour_iz", "redshift")
+    with pytest.raises(ValueError, match=r"unsupported target\(s\) \['stellar_mass'\]; supported targets: \['mag_r'.*'redshift'\]"):
         default_bundle.generate(inputs, ["redshift", "stellar_mass"])
     with pytest.raises(ValueError, match="unknown input modality"):
         default_bundle.tokenize({"mag_w1": np.ones(3)})
@@ -84,7 +84,7 @@ def test_generate_redshift_matches_predict_and_stays_in_bin_range(default_bundle
     rows = np.arange(300)
     inputs = _inputs(b, sample_table, rows)
     inputs["mag_u"] = inputs["mag_u"].copy()
-    inputs["mag_u"][:5] = 99.0  # non-detections -> missing token, still predicted from the rest
+    inputs["mag_u"][:5] = 99.0  # non-detections -> the u-g colour token is missing, still predicted from the rest
     out = b.generate(inputs, ["redshift"], num_generations=16, seed=0)["redshift"]
     edges, centres = b.redshift_bins()
     assert out["samples"].shape == (300, 16)
@@ -92,7 +92,8 @@ def test_generate_redshift_matches_predict_and_stays_in_bin_range(default_bundle
     assert np.isin(out["samples"], centres).all()
     assert (out["z_phot_l95"] <= out["z_phot_median"]).all() and (out["z_phot_median"] <= out["z_phot_u95"]).all()
     tok, valid = stack_tokens(b, b.tokenize(inputs))
-    assert not valid[:5, 0].any() and valid[5:].all()
+    assert b.config.input_modalities[1] == "colour_ug"
+    assert not valid[:5, 1].any() and valid[:5, [0, 2, 3, 4]].all() and valid[5:].all()
     pred = b.predict(tok, valid)
     for k in ("z_phot_mean", "z_phot_median", "z_phot_l68", "z_phot_u95"):
         np.testing.assert_array_equal(out[k], pred[k])
@@ -111,7 +112,7 @@ def test_encoder_runs_once_per_batch_for_all_targets(default_bundle, sample_tabl
     handle = b.model.enc_norm.register_forward_hook(lambda *_: calls.append(1))
     try:
         inputs = _inputs(b, sample_table, np.arange(250))
-        b.generate(inputs, ["redshift", "mag_u", "mag_g"], num_generations=2, seed=0, batch_size=100)
+        b.generate(inputs, ["redshift", "colour_ug", "colour_gr"], num_generations=2, seed=0, batch_size=100)
     finally:
         handle.remove()
     assert len(calls) == 3  # 250 rows in batches of 100, three targets each

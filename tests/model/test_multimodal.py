@@ -70,13 +70,17 @@ def test_default_model_parameters_and_outputs_unchanged(model_dir, sample_table)
     b = ModelBundle.load(model_dir)
     assert not any("token_mods" in k for k in b.model.state_dict())
     inputs = {m: sample_table[c].to_numpy()[:4] for m, c in b.input_columns.items()}
-    # values computed with the engine before multi-token modalities existed (commit b7af378)
-    np.testing.assert_allclose(b.encode(b.tokenize(inputs))[:, :3], [[-0.34109306, 0.46856895, 0.5696209],
-                               [-0.316087, 0.13458227, 0.88027894], [-0.46044335, 0.5541698, 1.1905739],
-                               [0.106610775, 0.89798725, 0.7672764]], rtol=1e-6)
-    out = b.generate(inputs, ["redshift", "mag_u"], seed=0, num_generations=2)
-    np.testing.assert_allclose(out["redshift"]["z_phot_median"], [0.117110945, 0.11942724, 0.109047696, 0.1089066], rtol=1e-6)
-    np.testing.assert_allclose(out["mag_u"]["samples"][:2], [[19.4498934805, 18.747582731], [19.1738953096, 18.3495149106]])
+    # values computed when the default model was retrained with colour inputs (r + 4 colours, 15 epochs, PIT map);
+    # the model file is the one committed with them, so any change in the code path that reads it shows here
+    np.testing.assert_allclose(b.encode(b.tokenize(inputs))[:, :3], [[0.5823332071304321, -0.5281934142112732, 0.9006967544555664],
+                               [0.7305218577384949, -1.0106052160263062, -0.0601184144616127],
+                               [0.758863091468811, -0.3965131938457489, 1.0294405221939087],
+                               [0.7822208404541016, -0.7763214707374573, 0.49989065527915955]], rtol=1e-6)
+    out = b.generate(inputs, ["redshift", "colour_ug"], seed=0, num_generations=2)
+    np.testing.assert_allclose(out["redshift"]["z_phot_median"],
+                               [0.11153480410575867, 0.11851417273283005, 0.10440369695425034, 0.10856224596500397], rtol=1e-6)
+    np.testing.assert_allclose(out["colour_ug"]["samples"][:2], [[1.7100970795898418, 1.299415011230471],
+                                                                 [1.5453429199218736, 1.1741646757812507]])
 
 
 # ---- masking -------------------------------------------------------------------------------
