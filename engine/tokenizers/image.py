@@ -58,6 +58,7 @@ class ImageTokenizerConfig:
     rel_floor: float = 0.05  # the loss judges bright stamps at this relative precision, faint ones in sky sigma
     aperture_weight: float = 1.0
     max_input: float = 8.0  # the normalised-flux input channel is clipped to +-max_input
+    target_clip: float | None = None  # the training target (normalised flux) is clipped to +-this; None: max_input
     n_down: int = 3  # latent grid = crop_size / 2**n_down
     width: int = 16  # channels after the first downsampling; doubles per level up to 4x
     steps: int = 600
@@ -98,6 +99,7 @@ class ImageTokenizerConfig:
             "rel_floor": (self.rel_floor > 0, "> 0"),
             "aperture_weight": (self.aperture_weight >= 0, ">= 0"),
             "max_input": (self.max_input > 0, "> 0"),
+            "target_clip": (self.target_clip is None or self.target_clip > 0, "None or > 0"),
             "n_threads": (self.n_threads >= 1, ">= 1"),
         }
         for name, (ok, allowed) in checks.items():
@@ -334,10 +336,11 @@ class ImageTokenizer:
         prep = self.preprocess(images)
         torch.set_num_threads(cfg.n_threads)
         gen = torch.Generator().manual_seed(cfg.seed)
-        # the target is clipped like the input: a neighbour far brighter than the central source would
-        # otherwise dominate every gradient and collapse the codes (seen on the CFHT/HST fields)
+        # the target is clipped (by default like the input): a neighbour far brighter than the central source
+        # would otherwise dominate every gradient and collapse the codes (seen on the CFHT/HST fields)
+        clip = cfg.max_input if cfg.target_clip is None else cfg.target_clip
         x = torch.from_numpy(prep.x)
-        y = torch.from_numpy(np.clip(prep.target, -cfg.max_input, cfg.max_input).astype(np.float32))
+        y = torch.from_numpy(np.clip(prep.target, -clip, clip).astype(np.float32))
         w = torch.from_numpy(prep.valid.astype(np.float32))
         noise = torch.from_numpy((prep.scale / prep.norm).mean(1).astype(np.float32))  # (N,) sky sigma / norm
         weight = 1.0 / (noise**2 + cfg.rel_floor**2) * cfg.rel_floor**2  # (N,) 1 for bright stamps

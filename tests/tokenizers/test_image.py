@@ -150,6 +150,25 @@ def test_bad_configs_are_rejected():
         ImageTokenizerConfig(pixel_scale_arcsec=float("nan"))
     with pytest.raises(ConfigError, match="unknown image survey"):
         ImageTokenizerConfig(surveys=("sdss",))
+    with pytest.raises(ConfigError, match=r"target_clip=0.0; expected None or > 0"):
+        ImageTokenizerConfig(target_clip=0.0)
+
+
+def test_target_clip_default_is_max_input_and_old_saved_configs_load(tok, images, tmp_path):
+    short = {**TINY, "steps": 3, "train_crop": 96}  # whole stamps: every bright pixel is in the loss
+    bright = [images[i] for i in (17, 32, 36, 37, 39, 40)]  # stamps with pixels above 8x their scale token
+    nets = [ImageTokenizer(ImageTokenizerConfig(**short, **kw)).fit(bright) for kw in ({}, {"target_clip": 8.0}, {"target_clip": 64.0})]
+    w = [n.model.head.weight.detach().numpy() for n in nets]
+    np.testing.assert_array_equal(w[0], w[1])  # None trains exactly like target_clip = max_input = 8
+    assert not np.array_equal(w[0], w[2])  # a higher clip changes the targets of the real stamps' bright pixels
+    tok.save(tmp_path / "old")  # a tokenizer saved before target_clip existed: its config has no such key
+    cfg_file = tmp_path / "old" / "image_tokenizer.json"
+    state = json.loads(cfg_file.read_text())
+    del state["config"]["target_clip"]
+    cfg_file.write_text(json.dumps(state))
+    old = ImageTokenizer.load(tmp_path / "old")
+    assert old.config.target_clip is None
+    np.testing.assert_array_equal(old.encode(images[:8]), tok.encode(images[:8]))
 
 
 def test_array_path_equals_image_objects_and_missing_rows_decode_to_nan(tok, images, stamps):

@@ -1,0 +1,63 @@
+"""Choose image-tokenizer settings on a validation split of the bench_tokenizers TRAINING stamps only.
+
+    python benchmarks/tok_image_validation.py --target-clip 8 [--steps 600] [--seed 0]
+
+Train on CFHT A370 x < 42% of the width + HST A478 x below its 80th percentile; validate on the
+CFHT stamps between 42% (plus one stamp, no shared pixel) and 55% of the width (the cluster core)
+and the A478 stamps beyond the 80th percentile (plus one stamp). The held-out sets of
+bench_tokenizers (CFHT x > 55%, HDF-S) are never read. Prints the tok_image metrics of the learned
+tokenizer and of every same-budget baseline (fitted on the same training stamps) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tok_image as T  # noqa: E402
+from engine.tokenizers.image import ImageTokenizer, ImageTokenizerConfig  # noqa: E402
+
+CFHT_WIDTH, TRAIN_FRAC, A478_QUANTILE = 1909, 0.42, 0.8
+
+
+def run(target_clip: float | None, steps: int, seed: int) -> dict:
+    torch.set_num_threads(1)
+    cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=steps, seed=seed, n_threads=1,
+                               target_clip=target_clip)
+    cfht, cfht_images, cfht_sigma = T._field_stamps("cfht_a370", cfg)
+    a478, a478_images, a478_sigma = T._field_stamps("hst_a478", cfg)
+    gap = cfht.pixels.shape[-1]  # two half-stamps: no pixel shared between train and validation
+    cut = np.quantile(a478.x_pix, A478_QUANTILE)
+    train = ([im for im, x in zip(cfht_images, cfht.x_pix) if x < TRAIN_FRAC * CFHT_WIDTH]
+             + [im for im, x in zip(a478_images, a478.x_pix) if x < cut])
+    val = {
+        "cfht_a370_val": ([im for im, x in zip(cfht_images, cfht.x_pix)
+                           if TRAIN_FRAC * CFHT_WIDTH + gap < x < T.SPLIT_FRAC * CFHT_WIDTH], cfht_sigma, "cfht_i"),
+        "hst_a478_val": ([im for im, x in zip(a478_images, a478.x_pix) if x > cut + gap], a478_sigma, "hst_f814w"),
+    }
+    tok = ImageTokenizer(cfg).fit(train)
+    baselines, _ = T._baselines(tok.preprocess(train), tok.token_grid, tok.content_vocab_size)
+    result = {"target_clip": target_clip, "steps": steps, "seed": seed, "n_train": len(train)}
+    for name, (images, sigma, survey) in val.items():
+        prep = tok.preprocess(images)
+        row = {"n_stamps": len(images),
+               "learned": T._metrics(tok.decode(tok.encode_prepared(prep), survey), prep, sigma, cfg.pixel_scale_arcsec)}
+        for bname, b in baselines.items():
+            row[f"baseline_{bname}"] = T._metrics(b.reconstruct(prep), prep, sigma, cfg.pixel_scale_arcsec)
+        result[name] = row
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target-clip", type=float, default=None, help="ImageTokenizerConfig.target_clip (default: max_input)")
+    p.add_argument("--steps", type=int, default=T.STEPS_QUICK)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(json.dumps(run(a.target_clip, a.steps, a.seed), indent=2))
