@@ -92,6 +92,9 @@ def test_bad_values_are_flagged_not_dropped(embedded):
     assert summary["rows_flagged"] == 13 and summary["rows_without_valid_input"] == 1
     row = got.filter(pa.compute.equal(got["object_id"], ids[12]))
     assert np.isnan(row["z_phot_mean"].to_numpy()).all()
+    # a bad u magnitude loses only the u-g colour token: z_phot still comes from r and the other colours
+    bad_u = got.filter(pa.compute.equal(got["flags"], 1))["z_phot_median"].to_numpy()
+    assert len(bad_u) == 10 and np.isfinite(bad_u).all() and (bad_u > 0).all()
     good = got.filter(pa.compute.equal(got["flags"], 0))
     z = good["z_phot_mean"].to_numpy()
     assert np.isfinite(z).all() and (z > 0).all() and (z < 0.4).all()
