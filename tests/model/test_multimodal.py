@@ -187,8 +187,7 @@ def test_shipped_miles_model_beats_the_training_median_on_held_out_stars(miles):
     bundle = ModelBundle.load(DATA_DIR / "miles_model")
     spectra, params, tr, ho = miles
     out = bundle.generate({SPEC: subset(spectra, ho)}, list(MILES_SCALARS), seed=0)
-    # measured (bench_multimodal): 131 K vs 842, 0.34 vs 0.93, 0.27 vs 0.31 dex -- [Fe/H] barely beats the median
-    for m, ratio in (("teff", 0.2), ("logg", 0.45), ("feh", 0.95)):
+    for m, ratio in (("teff", 0.3), ("logg", 0.5), ("feh", 0.7)):
         v = params[m].to_numpy()
         ok = np.isfinite(v[ho])
         err = np.median(np.abs(out[m]["median"][ok] - v[ho][ok]))
