@@ -341,10 +341,11 @@ def generate_from_tokens(
             # One decoder pass per target: decoder queries attend to each other, so decoding targets
             # together would make each answer depend on which others were asked (predict asks redshift alone).
             lg = model.decode_logits(states, val, [t])[t].float().cpu().double() / calibrated[t]  # (b, V), as in ModelBundle.predict
-            if t == REDSHIFT and pit_map:  # sample from the recalibrated p(z): its log as logits
-                lg = torch.from_numpy(np.log(np.maximum(recalibrate(lg.softmax(dim=1).numpy(), pit_map), 1e-300)))
-            idx = sample_with_temperature(lg, temperature, top_k, top_p, num_generations, gen)  # (b, G)
             probs = lg.softmax(dim=1).numpy()  # (b, V) the calibrated p, before sampling filters
+            if t == REDSHIFT and pit_map:  # sample from the recalibrated p(z): its log as logits
+                probs = recalibrate(probs, pit_map)
+                lg = torch.from_numpy(np.log(np.maximum(probs, 1e-300)))
+            idx = sample_with_temperature(lg, temperature, top_k, top_p, num_generations, gen)  # (b, G)
             parts[t].append({"idx": idx.numpy(), "probs": probs})
     for m, (_, v) in multi.items():
         empty &= ~np.asarray(v).any(axis=1)

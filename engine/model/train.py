@@ -131,8 +131,7 @@ class TrainConfig:
     def derived(self) -> tuple[tuple[str, str, str], ...]:
         """(colour column, catalogue column a, catalogue column b) for the tokenizer, one per colour input."""
         cat = dict(zip(self.catalogue_inputs, self.catalogue_columns))
-        return tuple((m, cat[SCALARS_BY_NAME[m].derived_from[0]], cat[SCALARS_BY_NAME[m].derived_from[1]])
-                     for m in self.inputs if SCALARS_BY_NAME[m].derived_from)
+        return tuple((m, *(cat[s] for s in SCALARS_BY_NAME[m].derived_from)) for m in self.inputs if SCALARS_BY_NAME[m].derived_from)
 
     @property
     def error_columns(self) -> tuple[str | None, ...]:

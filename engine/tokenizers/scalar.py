@@ -282,11 +282,11 @@ class ScalarTokenizer:
         todo = [d for d in self.config.derived if d[0] not in columns and d[1] in columns and d[2] in columns]
         if not todo:
             return columns
+        vals = {c: np.asarray(columns[c], dtype=np.float64) for d in todo for c in d[1:]}  # a magnitude feeds two colours
+        bad = {c: missing_mask(v, self.config.sentinels) for c, v in vals.items()}
         out = dict(columns)
         for name, a, b in todo:
-            va, vb = (np.asarray(columns[c], dtype=np.float64) for c in (a, b))
-            bad = missing_mask(va, self.config.sentinels) | missing_mask(vb, self.config.sentinels)
-            out[name] = np.where(bad, np.nan, va - vb)
+            out[name] = np.where(bad[a] | bad[b], np.nan, vals[a] - vals[b])
         return out
 
     def _lookup(self, col: str) -> BinLookup:
