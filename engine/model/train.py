@@ -30,6 +30,7 @@ from engine.model.redshift import (coverage, fit_coverage_temperature, fit_pit_m
                                    softmax, summarize)
 from engine.model.transformer import MultimodalTransformer
 from engine.modalities import SCALARS_BY_NAME, catalogue_inputs
+from engine.optim import one_cycle
 from engine.sample import holdout_mask, kfold_index
 from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig, missing_mask
 
@@ -242,7 +243,7 @@ def train(paths: list[str], cfg: TrainConfig, out_dir: str, resume: bool = False
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, -(-len(rows["train"]) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, steps)
     st = checkpoint.TrainState(model, opt, sched, np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed))
     if last is not None:
         checkpoint.restore(last, st)

@@ -37,6 +37,7 @@ from engine.model.transformer import MultimodalTransformer
 from engine.modalities import SCALARS_BY_NAME
 from engine.modalities.registry import entry
 from engine.modalities.spectra import SpectrumBatch, read_miles
+from engine.optim import one_cycle
 from engine.sample import holdout_mask
 from engine.tokenizers.scalar import ScalarTokenizer, ScalarTokenizerConfig
 
@@ -214,8 +215,7 @@ def fit_steps(model: MultimodalTransformer, data: TokenData, cfg: MultimodalTrai
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps,
-                                                pct_start=min(0.3, max(0.05, 5 / cfg.steps)))
+    sched = one_cycle(opt, cfg.lr, cfg.steps, pct_start=min(0.3, max(0.05, 5 / cfg.steps)))
     n = len(data.scalar_tok)
     curve, running, t0 = [], [], time.perf_counter()
     model.train()

@@ -13,8 +13,10 @@ Preprocessing (per survey, from :mod:`engine.modalities.images`):
 The autoencoder is trained in the units the flux is judged in: squared error of the normalised flux
 weighted by ``norm^2 / (s^2 + (rel_floor * norm)^2)`` (sky-noise units, saturating at a relative
 precision ``rel_floor`` for bright stamps) plus ``aperture_weight`` x the squared relative error of
-the flux in the central aperture. Decoding multiplies by the quantised scale: it returns flux per
-output pixel in the survey's native unit.
+the flux in the central aperture. With ``compress = c`` the decoder's output and the target are both
+taken through ``u = c * asinh(y / c)`` first: identical below c, a relative error above it, so a star
+thousands of times brighter than the central source is kept (to a few per cent) instead of clipped.
+Decoding multiplies by the quantised scale: it returns flux per output pixel in the survey's native unit.
 
 Token layout per stamp (``n_tokens = 1 + g * g``): ``[scale, content row-major]``; content tokens are
 ``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + bin``), and the last id is ``missing_token``:
@@ -37,6 +39,7 @@ from torch import nn
 
 from engine.errors import CodecError, ConfigError, ModalityError
 from engine.modalities.images import Image, SurveySpec, survey_for, survey_spec
+from engine.optim import one_cycle
 from engine.tokenizers.quantizers import FSQ
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,11 @@ class ImageTokenizerConfig:
     aperture_weight: float = 1.0
     max_input: float = 8.0  # the normalised-flux input channel is clipped to +-max_input
     target_clip: float | None = None  # the training target (normalised flux) is clipped to +-this; None: max_input
+    # None: the decoder outputs the normalised flux y, trained on the clipped target. c > 0: it outputs
+    # u = c * asinh(y / c) (linear below c, logarithmic above), decode returns c * sinh(u / c), and the
+    # pixel loss is the squared error of u against the unclipped target's u: bright neighbours are
+    # reconstructed to a relative precision without dominating the gradient (target_clip is unused)
+    compress: float | None = 8.0
     n_down: int = 3  # latent grid = crop_size / 2**n_down
     width: int = 16  # channels after the first downsampling; doubles per level up to 4x
     steps: int = 600
@@ -100,6 +108,7 @@ class ImageTokenizerConfig:
             "aperture_weight": (self.aperture_weight >= 0, ">= 0"),
             "max_input": (self.max_input > 0, "> 0"),
             "target_clip": (self.target_clip is None or self.target_clip > 0, "None or > 0"),
+            "compress": (self.compress is None or (math.isfinite(self.compress) and self.compress > 0), "None or finite > 0"),
             "n_threads": (self.n_threads >= 1, ">= 1"),
         }
         for name, (ok, allowed) in checks.items():
@@ -336,17 +345,17 @@ class ImageTokenizer:
         prep = self.preprocess(images)
         torch.set_num_threads(cfg.n_threads)
         gen = torch.Generator().manual_seed(cfg.seed)
-        # the target is clipped (by default like the input): a neighbour far brighter than the central source
-        # would otherwise dominate every gradient and collapse the codes (seen on the CFHT/HST fields)
+        # without compress the target is clipped (by default like the input): a neighbour far brighter than the
+        # central source would otherwise dominate every gradient and collapse the codes (seen on the CFHT/HST fields)
         clip = cfg.max_input if cfg.target_clip is None else cfg.target_clip
         x = torch.from_numpy(prep.x)
-        y = torch.from_numpy(np.clip(prep.target, -clip, clip).astype(np.float32))
+        y = torch.from_numpy((prep.target if cfg.compress else np.clip(prep.target, -clip, clip)).astype(np.float32))
         w = torch.from_numpy(prep.valid.astype(np.float32))
         noise = torch.from_numpy((prep.scale / prep.norm).mean(1).astype(np.float32))  # (N,) sky sigma / norm
         weight = 1.0 / (noise**2 + cfg.rel_floor**2) * cfg.rel_floor**2  # (N,) 1 for bright stamps
         ap = torch.from_numpy(cfg.aperture().astype(np.float32))
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=0.05)
+        sched = one_cycle(opt, cfg.lr, cfg.steps)
         self.model.train()
         for step in range(cfg.steps):
             idx = torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=gen)
@@ -354,7 +363,7 @@ class ImageTokenizer:
             sl = (idx, slice(None), slice(y0, y0 + cfg.train_crop), slice(x0, x0 + cfg.train_crop))
             k = int(torch.randint(8, (1,), generator=gen))
             xb, yb, wb, ab = (_augment(t, k) for t in (x[sl], y[sl], w[sl], ap[sl[2:]]))
-            pix, aper = _losses(self.model(xb), yb, wb, ab)
+            pix, aper = _losses(self.model(xb), yb, wb, ab, cfg.compress)
             loss = (pix * weight[idx]).mean() + cfg.aperture_weight * aper.mean()
             opt.zero_grad()
             loss.backward()
@@ -408,7 +417,7 @@ class ImageTokenizer:
         out = [self.model.decode_codes(q.indices_to_codes(t[i : i + batch_size])) for i in range(0, len(t), batch_size)]
         if not out:
             return np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
-        flat = torch.cat(out).numpy()
+        flat = _expand(torch.cat(out), self.config.compress).numpy()
         flat[missing] = np.nan
         return flat
 
@@ -452,7 +461,8 @@ class ImageTokenizer:
                 f"{directory}: saved tokenizer has kind={state.get('kind')!r} format_version={state.get('format_version')!r}; "
                 f"expected kind='image' format_version={FORMAT_VERSION}"
             )
-        config = ImageTokenizerConfig(**state["config"])
+        # files written before ``compress`` existed (format 2) hold linear-output decoders
+        config = ImageTokenizerConfig(**{"compress": None, **state["config"]})
         tok = cls(config, fitted=True)
         tok.model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         tok.model.eval()
@@ -470,13 +480,27 @@ def _crop_origin(cfg: ImageTokenizerConfig, gen: torch.Generator) -> tuple[int, 
     return y0 * step, x0 * step
 
 
-def _losses(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+MAX_COMPRESSED = 20.0  # |u| / c at most: c * sinh(20) ~ 2e8 c, beyond any stamp, and finite in float32
+
+
+def _expand(u: torch.Tensor, compress: float | None) -> torch.Tensor:
+    """Decoder output -> normalised flux: the identity, or c * sinh(u / c) for ``compress = c``."""
+    if not compress:
+        return u
+    return compress * torch.sinh((u / compress).clamp(-MAX_COMPRESSED, MAX_COMPRESSED))
+
+
+def _losses(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ap: torch.Tensor,
+            compress: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per stamp: squared error summed over valid pixels per aperture pixel (B,), squared relative aperture-flux
     error (B,). Both are ~ (relative error)^2 of the source, whatever the crop size.
 
-    out, y, w: (B, C, s, s) decoded, target (normalised flux) and validity; ap: (s, s) aperture mask.
+    out, y, w: (B, C, s, s) decoder output, target (normalised flux) and validity; ap: (s, s) aperture mask.
+    With ``compress = c`` the pixel error is taken on c * asinh(. / c) of both (``out`` is already there).
     """
-    pix = (((out - y) ** 2) * w).sum((1, 2, 3)) / ap.sum().clamp_min(1.0)
+    target = compress * torch.asinh(y / compress) if compress else y
+    pix = (((out - target) ** 2) * w).sum((1, 2, 3)) / ap.sum().clamp_min(1.0)
+    out = _expand(out, compress)
     f_out, f_true = ((t * w * ap).sum((1, 2, 3)) for t in (out, y))
     ref = torch.maximum(f_true.abs(), (w * ap).sum((1, 2, 3))).clamp_min(1.0)  # >= the aperture flux of the norm
     return pix, ((f_out - f_true) / ref) ** 2
