@@ -3,6 +3,8 @@
 Stamps are cut around sources detected in the mpdaf fields (/work/shared/data/mpdaf):
   fit      : CFHT I-band Abell 370, columns x < 55% of the width; HST F814W Abell 478 (whole field)
   held out : CFHT Abell 370, x > 55% + one stamp (disjoint region); HST F606W HDF-S (other field, band, depth)
+Saturated pixels (at or above the header's MAXLIN / SATURATE level: 13,300 ADU on the CFHT image) are masked
+by the stamp cutter and, like every masked pixel, neither trained on nor scored.
 Metrics are on linear flux at the common pixel scale, against the preprocessed input:
   * rel. flux error in a central aperture of radius 0.5" (median |dF|/F over stamps with aperture S/N > 20),
   * per-pixel RMS in units of the sky sigma (sky sigma from the original image resampled the same way),
@@ -13,7 +15,7 @@ Metrics are on linear flux at the common pixel scale, against the preprocessed i
 Budget: the learned tokenizer emits 1 flux-scale token + g*g content tokens of ``content_vocab`` values.
 Every baseline gets the same: the same quantised scale token (it may use it or not) + g*g values, each
 uniformly quantized to ``content_vocab`` levels over its range on the fit set:
-  (a) block average to g*g pixels, upsampled (nearest or bilinear, chosen on the fit set);
+  (a) block average (of the valid pixels) to g*g pixels, upsampled (nearest or bilinear, chosen on the fit set);
   (b) PCA with g*g components fitted on the fit set;
 each in two representations: "stretch" asinh(flux / survey softening) (the scale token unused) and
 "scaled" asinh(flux / quantised scale). The learned tokenizer must beat every one of the four.
@@ -116,13 +118,17 @@ def _uniform(z: np.ndarray, lo, hi, levels: int) -> np.ndarray:
 
 
 class BlockBaseline:
-    """g*g block means, each transformed value uniformly quantized to ``levels`` over the fit range, upsampled."""
+    """g*g block means of the valid pixels, each transformed value uniformly quantized to ``levels`` over the fit
+    range, upsampled."""
 
     def __init__(self, grid: int, levels: int, rep: str, mode: str = "nearest") -> None:
         self.grid, self.levels, self.rep, self.mode = grid, levels, rep, mode
 
     def _blocks(self, prep: Prepared) -> np.ndarray:
-        pooled = F.adaptive_avg_pool2d(torch.from_numpy(prep.flux), self.grid).numpy()
+        """Mean of the valid pixels of each block (0 for a block without any)."""
+        total = F.adaptive_avg_pool2d(torch.from_numpy(np.where(prep.valid, prep.flux, 0.0)), self.grid).numpy()
+        cover = F.adaptive_avg_pool2d(torch.from_numpy(prep.valid.astype(np.float64)), self.grid).numpy()
+        pooled = np.where(cover > 0, total / np.maximum(cover, 1e-12), 0.0)
         return REPRESENTATIONS[self.rep](prep, pooled)
 
     def fit(self, prep: Prepared) -> "BlockBaseline":

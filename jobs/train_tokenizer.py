@@ -5,7 +5,8 @@ spectrum: --input takes MaNGA-DAP style FITS (HDUs WAVE/FLUX/IVAR/MASK/Z) or MIL
 scalar:   --input takes Parquet catalogues; --columns names the columns (default: the scalar table).
 image:    --input takes single-band FITS fields of survey --survey (e.g. cfht_i); stamps are cut around the
           detected sources (engine.tokenizers.stamps) and the registered tok_image_<survey> codec is trained;
-          --hdu picks the image HDU (default: the first 2-D one), --steps the training steps.
+          --hdu picks the image HDU (default: the first 2-D one), --steps the training steps, --saturation
+          the level at and above which pixels are masked ("header": the SATURATE / MAXLIN keyword, "none", or a number).
 The resolved config is written next to the output as config.json.
 """
 
@@ -54,12 +55,22 @@ def _image(a: argparse.Namespace, paths: list[str]):
     cfg, bands = tok.config, survey_spec(a.survey).bands
     images = []
     for path in paths:
-        field = read_field(path, first_image_hdu(path) if a.hdu is None else a.hdu)
+        field = read_field(path, first_image_hdu(path) if a.hdu is None else a.hdu, _saturation(a.saturation))
         stamps = stamp_images(field, bands, cfg.crop_size, cfg.pixel_scale_arcsec)[1]
         images += stamps
         logging.getLogger("train_tokenizer").info("%s: %d stamps (%d in all)", path, len(stamps), len(images))
     tok.fit(images).save(a.out)
     return cfg
+
+
+def _saturation(text: str) -> float | str | None:
+    """--saturation: "header", "none" or a level in the image's units."""
+    if text in ("header", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"--saturation {text!r}: expected 'header', 'none' or a number") from None
 
 
 KINDS = {"spectrum": _spectrum, "scalar": _scalar, "image": _image}
@@ -78,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--hdu", type=int, help="image: FITS HDU of the image plane (default: first 2-D HDU)")
     p.add_argument("--steps", type=int, help="image: training steps")
+    p.add_argument("--saturation", default="header", help="image: mask pixels at or above this level: 'header' "
+                   "(the SATURATE or MAXLIN keyword, if any), 'none', or a number in the image's units")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})

@@ -4,6 +4,9 @@ Pipeline: sigma-clipped background and noise -> Gaussian-smoothed detection imag
 local maxima above ``detect_sigma`` with enough connected-looking area -> flux-weighted centroid ->
 stamps of ``size_pix`` centred on the rounded centroid, padded with NaN beyond the image edge
 (or skipped, by config) -> per-stamp metadata (x, y, ra/dec from the WCS, peak S/N, file, scale).
+Saturated pixels (at or above the field's saturation level, from the FITS header's ``SATURATE`` or
+``MAXLIN`` by default) are NaN in the stamps, i.e. masked: their flux is unknown, so no codec is
+trained or scored on them. Detection and centroids still use them, so the set of stamps does not change.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from engine.errors import CatalogError, ConfigError, ModalityError
 
 log = logging.getLogger(__name__)
 EDGE_MODES = ("pad", "skip")
+SATURATION_KEYS = ("SATURATE", "MAXLIN")  # header keywords holding the saturation / linearity limit, first found wins
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Field:
     pixel_scale_arcsec: float
     wcs: WCS | None
     source_file: str
+    saturation: float | None = None  # pixels >= this (data units, before background subtraction) are masked in stamps
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Stamps:
     noise: float  # sky sigma per native pixel
     pixel_scale_arcsec: float
     source_file: str
+    n_saturated: np.ndarray | None = None  # (N,) saturated (masked) pixels per stamp
 
     def __len__(self) -> int:
         return len(self.x_pix)
@@ -83,11 +89,16 @@ class Stamps:
     def take(self, idx: np.ndarray) -> "Stamps":
         pick = lambda a: a[idx]  # noqa: E731
         return Stamps(pick(self.pixels), pick(self.x_pix), pick(self.y_pix), pick(self.ra_deg), pick(self.dec_deg),
-                      pick(self.peak_snr), self.background, self.noise, self.pixel_scale_arcsec, self.source_file)
+                      pick(self.peak_snr), self.background, self.noise, self.pixel_scale_arcsec, self.source_file,
+                      None if self.n_saturated is None else pick(self.n_saturated))
 
 
-def read_field(path: str | Path, hdu: int | str = 0) -> Field:
-    """Read one 2-D image plane; the pixel scale comes from the WCS."""
+def read_field(path: str | Path, hdu: int | str = 0, saturation: float | str | None = "header") -> Field:
+    """Read one 2-D image plane; the pixel scale comes from the WCS.
+
+    ``saturation``: the level at and above which pixels are saturated (masked in stamps): "header" takes the
+    first of SATURATION_KEYS the header has (none: no level), a number is the level itself, None: no masking.
+    """
     path = Path(path)
     try:
         with fits.open(path) as hdul:
@@ -103,7 +114,13 @@ def read_field(path: str | Path, hdu: int | str = 0) -> Field:
     if not wcs.has_celestial:
         raise ModalityError(f"{path}[{hdu}]: expected a celestial WCS to know the pixel scale; got none")
     scale = float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)
-    return Field(data, scale, wcs, str(path))
+    if isinstance(saturation, str):
+        if saturation != "header":
+            raise ConfigError(f"read_field: saturation={saturation!r}; expected 'header', a number or None")
+        saturation = next((float(header[k]) for k in SATURATION_KEYS if k in header), None)
+    if saturation is not None and not np.isfinite(saturation):
+        raise ModalityError(f"{path}[{hdu}]: expected a finite saturation level; got {saturation}")
+    return Field(data, scale, wcs, str(path), saturation)
 
 
 def estimate_background(data: np.ndarray, clip_sigma: float = 3.0) -> tuple[float, float]:
@@ -203,15 +220,22 @@ def cut_stamps(field: Field, cfg: StampConfig = StampConfig()) -> Stamps:
         y, x, yc, xc, yi, xi = (a[keep] for a in (y, x, yc, xc, yi, xi))
         if n_drop:
             log.info("%s: %d source(s) dropped, stamp crosses the image edge", field.source_file, n_drop)
-    pixels = _gather(sub, yi, xi, half, cfg.size_pix).astype(np.float32)
+    pixels = _gather(sub, yi, xi, half, cfg.size_pix)
+    saturated = np.zeros(pixels.shape, bool)
+    if field.saturation is not None:
+        with np.errstate(invalid="ignore"):
+            saturated = pixels >= field.saturation - background
+    pixels = np.where(saturated, np.nan, pixels).astype(np.float32)
     peak_snr = np.nan_to_num(_gather(sub, y, x, 0, 1)[:, 0, 0]) / noise
     if field.wcs is not None and len(xc):
         ra, dec = field.wcs.pixel_to_world_values(xc, yc)
     else:
         ra = dec = np.full(len(xc), np.nan)
-    log.info("%s: %d stamps of %d px (sky %.4g +- %.4g)", field.source_file, len(xc), cfg.size_pix, background, noise)
+    n_saturated = saturated.sum((1, 2))
+    log.info("%s: %d stamps of %d px (sky %.4g +- %.4g; %d with saturated pixels masked)", field.source_file, len(xc),
+             cfg.size_pix, background, noise, int((n_saturated > 0).sum()))
     return Stamps(pixels, xc, yc, np.asarray(ra, np.float64), np.asarray(dec, np.float64), peak_snr,
-                  background, noise, field.pixel_scale_arcsec, field.source_file)
+                  background, noise, field.pixel_scale_arcsec, field.source_file, n_saturated)
 
 
 def first_image_hdu(path: str | Path) -> int:

@@ -36,3 +36,18 @@ def test_image_kind_trains_on_a_real_field_and_saves_a_loadable_codec(tmp_path):
 def test_image_kind_rejects_an_unregistered_survey(tmp_path):
     with pytest.raises(ConfigError, match="unknown modality 'tok_image_manga'"):
         main(["--kind", "image", "--input", str(CUTOUT), "--out", str(tmp_path / "t"), "--steps", "1"])
+
+
+def test_saturation_option_reaches_the_stamp_cutter(tmp_path):
+    from jobs.train_tokenizer import _saturation
+
+    assert _saturation("header") == "header" and _saturation("none") is None and _saturation("2500") == 2500.0
+    with pytest.raises(SystemExit, match="--saturation 'max': expected 'header', 'none' or a number"):
+        _saturation("max")
+    level = 2500.0  # below the cores of the cutout's brightest sources (sky ~1990 ADU, max 2820)
+    field = read_field(CUTOUT, first_image_hdu(CUTOUT), _saturation(str(level)))
+    stamps, images = stamp_images(field, ("CFHT-I",), 96, 0.1)
+    assert stamps.n_saturated.sum() > 0 and sum(int((~im.valid).sum()) for im in images) >= stamps.n_saturated.sum()
+    main(["--kind", "image", "--survey", "cfht_i", "--input", str(CUTOUT), "--out", str(tmp_path / "t"), "--steps", "3",
+          "--saturation", str(level)])
+    assert ImageTokenizer.load(tmp_path / "t").config.steps == 3

@@ -72,3 +72,31 @@ def test_bad_config_and_inputs_are_rejected(tmp_path):
         StampConfig(size_pix=2)
     with pytest.raises(ModalityError, match="expected finite pixels"):
         estimate_background(np.full((10, 10), np.nan))
+
+
+def test_saturated_pixels_are_masked_in_stamps_without_changing_the_detections(field, tmp_path):
+    from astropy.io import fits
+
+    _, noise = estimate_background(field.data)
+    x0, y0 = 41.3, 270.6
+    star = _inject(field, x0, y0, 400 * noise)  # a star whose core passes the level below
+    level = float(np.median(field.data) + 200 * noise)
+    hdr = field.wcs.to_header()
+    hdr["MAXLIN"] = level
+    fits.PrimaryHDU(star.data.astype(np.float32), hdr).writeto(tmp_path / "sat.fits")
+    sat = read_field(tmp_path / "sat.fits")  # the level comes from the header
+    assert sat.saturation == pytest.approx(level) and read_field(CUTOUT).saturation is None
+    plain = read_field(tmp_path / "sat.fits", saturation=None)
+    assert plain.saturation is None and read_field(tmp_path / "sat.fits", saturation=5e4).saturation == 5e4
+    a, b = cut_stamps(sat, StampConfig(size_pix=32)), cut_stamps(plain, StampConfig(size_pix=32))
+    np.testing.assert_array_equal(a.x_pix, b.x_pix)  # same sources, same centroids
+    k = int(np.argmin(np.hypot(a.x_pix - x0, a.y_pix - y0)))
+    over = np.nan_to_num(b.pixels[k]) >= level - a.background  # the stamp pixels at or above the level
+    assert 3 <= over.sum() == a.n_saturated[k] and np.isnan(a.pixels[k][over]).all()
+    np.testing.assert_array_equal(a.pixels[k][~over], b.pixels[k][~over])  # nothing else changes
+    over_all = np.nan_to_num(b.pixels) >= level - a.background  # and in every stamp (a neighbour's may hold the star)
+    np.testing.assert_array_equal(a.n_saturated, over_all.sum((1, 2)))
+    assert np.isnan(a.pixels[over_all]).all() and b.n_saturated.sum() == 0
+    assert a.take(np.array([k])).n_saturated.tolist() == [a.n_saturated[k]]
+    with pytest.raises(ConfigError, match="saturation='auto'; expected 'header', a number or None"):
+        read_field(tmp_path / "sat.fits", saturation="auto")
