@@ -24,7 +24,7 @@ import engine
 from engine.errors import ConfigError, ModelError
 from engine.model.config import ModelConfig
 from engine.model import generate as _generate
-from engine.model.redshift import REDSHIFT, redshift_probs, summarize
+from engine.model.redshift import REDSHIFT, redshift_summary
 from engine.model.transformer import MultimodalTransformer
 from engine.tokenizers.scalar import ScalarTokenizer
 from engine.model.files import (CONFIG, catalogue_columns, FORMAT_VERSION, TOKEN_TOKENIZERS, TOKENIZER, WEIGHTS, load_token_tokenizers,
@@ -100,9 +100,9 @@ class ModelBundle:
         with ctx:
             emb, logits = self.model(tok, val, [REDSHIFT])
         emb = emb.float().cpu().numpy()
-        probs = redshift_probs(logits[REDSHIFT].float().cpu().numpy().astype(np.float64), self.meta.get("temperature", 1.0),
-                               self.meta.get("calibration"))
-        out = {"embedding": emb, **summarize(probs, *self.redshift_bins())}
+        out = {"embedding": emb, **redshift_summary(logits[REDSHIFT].float().cpu().numpy().astype(np.float64),
+                                                    self.meta.get("temperature", 1.0), self.meta.get("calibration"),
+                                                    *self.redshift_bins())}
         empty = ~np.asarray(valid).any(axis=1)
         if empty.any():
             for v in out.values():

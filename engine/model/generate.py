@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from engine.model.redshift import REDSHIFT, recalibrate, redshift_probs, summarize
+from engine.model.redshift import REDSHIFT, recalibrate, redshift_summary, summarize
 from engine.model.files import token_column
 
 if TYPE_CHECKING:
@@ -197,9 +197,9 @@ def predict_scalars(
         for t in targets:  # one decoder pass per target, as in generate_from_tokens
             lg = bundle.model.decode_logits(states, val, [t])[t].float().cpu().double()  # (B, V)
             column = token_column(bundle.meta, t)
-            probs = (redshift_probs(lg.numpy(), float(bundle.meta.get("temperature", 1.0)), bundle.meta.get("calibration"))
-                     if t == REDSHIFT else lg.softmax(dim=1).numpy())
-            summary = summarize(probs, bundle.tokenizer.edges[column], bundle.tokenizer.centres[column])
+            bins = bundle.tokenizer.edges[column], bundle.tokenizer.centres[column]
+            summary = (redshift_summary(lg.numpy(), float(bundle.meta.get("temperature", 1.0)), bundle.meta.get("calibration"), *bins)
+                       if t == REDSHIFT else summarize(lg.softmax(dim=1).numpy(), *bins))
             out.update(summary if t == REDSHIFT else {f"{t}_{k.removeprefix('z_phot_')}": v for k, v in summary.items()})
     empty = ~val.cpu().numpy().any(axis=1)
     for v in out.values():

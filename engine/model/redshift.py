@@ -13,10 +13,11 @@ QUANTILES = {"z_phot_median": 0.5, "z_phot_l68": 0.15865, "z_phot_u68": 0.84135,
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    z = logits / temperature  # the one new array; the rest is in place (B x V float64 is ~32 MB per 4,096 rows)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def cdf_at_edges(probs: np.ndarray) -> np.ndarray:
@@ -36,10 +37,16 @@ def quantile(probs: np.ndarray, edges: np.ndarray, q: float, cdf: np.ndarray | N
     return edges[k] + frac * (edges[k + 1] - edges[k])
 
 
-def summarize(probs: np.ndarray, edges: np.ndarray, centres: np.ndarray) -> dict[str, np.ndarray]:
-    """(B, V) p(z) over bins -> the eight z_phot_* columns (float32)."""
-    probs = probs.astype(np.float64)
-    probs /= probs.sum(axis=1, keepdims=True)
+def summarize(probs: np.ndarray, edges: np.ndarray, centres: np.ndarray, cdf: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """(B, V) p(z) over bins -> the eight z_phot_* columns (float32).
+
+    ``cdf``: the rows' (B, V+1) CDF at the bin edges when the caller has it, with ``probs`` its differences
+    (normalised float64): neither is recomputed then.
+    """
+    if cdf is None:
+        probs = probs.astype(np.float64)
+        probs /= probs.sum(axis=1, keepdims=True)
+        cdf = cdf_at_edges(probs)
     mean = probs @ centres
     width2 = (edges[1:] - edges[:-1]) ** 2 / 12.0  # variance of a uniform bin
     var = probs @ (centres**2 + width2) - mean**2
@@ -48,7 +55,6 @@ def summarize(probs: np.ndarray, edges: np.ndarray, centres: np.ndarray) -> dict
         "z_phot_mode": centres[probs.argmax(axis=1)],
         "z_phot_std": np.sqrt(np.maximum(var, 0.0)),
     }
-    cdf = cdf_at_edges(probs)
     out.update({name: quantile(probs, edges, q, cdf) for name, q in QUANTILES.items()})
     return {k: out[k].astype(np.float32) for k in ("z_phot_mean", "z_phot_median", "z_phot_mode", "z_phot_std",
                                                     "z_phot_l68", "z_phot_u68", "z_phot_l95", "z_phot_u95")}
@@ -152,6 +158,20 @@ def recalibrate(probs: np.ndarray, pit_map: list[list[float]] | None) -> np.ndar
 def redshift_probs(logits: np.ndarray, temperature: float, calibration: dict | None) -> np.ndarray:
     """A model's calibrated p(z) over its redshift bins: softmax at the fitted temperature, then the PIT map if any."""
     return recalibrate(softmax(logits, temperature), (calibration or {}).get("pit_map"))
+
+
+def redshift_summary(logits: np.ndarray, temperature: float, calibration: dict | None, edges: np.ndarray,
+                     centres: np.ndarray) -> dict[str, np.ndarray]:
+    """``summarize(redshift_probs(...))`` computing the CDF once: the PIT map acts on it directly and the
+    recalibrated bins are its differences (a monotone map of a CDF from 0 to 1: >= 0, summing to 1)."""
+    probs = softmax(logits, temperature)
+    cdf = cdf_at_edges(probs)
+    pit_map = (calibration or {}).get("pit_map")
+    if pit_map:
+        cdf = np.interp(cdf, *pit_map)
+        probs = np.subtract(cdf[:, 1:], cdf[:, :-1])
+        np.maximum(probs, 0.0, out=probs)  # (rounding at a knot can give -1e-17)
+    return summarize(probs, edges, centres, cdf)
 
 
 def coverage(lo: np.ndarray, hi: np.ndarray, z_true: np.ndarray) -> float:

@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from engine.model.redshift import coverage, fit_pit_map, pit, recalibrate, redshift_probs, softmax, summarize
+from engine.model.redshift import coverage, fit_pit_map, pit, recalibrate, redshift_probs, redshift_summary, softmax, summarize
 
 EDGES = np.linspace(0.0, 1.0, 201)
 CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])
@@ -42,3 +43,20 @@ def test_recalibrated_probabilities_stay_a_distribution_and_identity_without_a_m
     # the median bin is kept (G maps 0.5 to 0.5 here) while the tails get more mass than before
     np.testing.assert_allclose(summarize(out, EDGES, CENTRES)["z_phot_median"], summarize(probs, EDGES, CENTRES)["z_phot_median"], atol=1e-5)
     assert (summarize(out, EDGES, CENTRES)["z_phot_std"] > summarize(probs, EDGES, CENTRES)["z_phot_std"]).all()
+
+
+@pytest.mark.parametrize("calibration", [None, {}, "fitted"])
+def test_redshift_summary_equals_summarize_of_the_calibrated_probs(calibration):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(500, len(CENTRES))) * 4.0
+    if calibration == "fitted":
+        u = rng.beta(0.6, 0.6, 2000)  # an overconfident model's PITs pile up at 0 and 1
+        calibration = {"pit_map": fit_pit_map(u)}
+    a = summarize(redshift_probs(logits, 0.8, calibration), EDGES, CENTRES)
+    b = redshift_summary(logits, 0.8, calibration, EDGES, CENTRES)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7)
+    if calibration:  # and the map did change the intervals, so the equality is not the identity's
+        plain = summarize(redshift_probs(logits, 0.8, None), EDGES, CENTRES)
+        assert np.abs(plain["z_phot_u95"] - a["z_phot_u95"]).max() > 1e-3
