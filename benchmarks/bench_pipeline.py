@@ -161,7 +161,10 @@ def bare_pipeline(catalog: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     if proc.returncode != 0:
         raise RuntimeError(f"bare pipeline failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]  # Ray may print after the result line
+    if not lines:
+        raise RuntimeError(f"bare pipeline printed no JSON result; stdout ends:\n{proc.stdout[-2000:]}")
+    res = json.loads(lines[-1])
     return {**res, "wall_seconds": round(time.perf_counter() - t0, 2)}
 
 
