@@ -15,7 +15,8 @@ weighted by ``norm^2 / (s^2 + (rel_floor * norm)^2)`` (sky-noise units, saturati
 precision ``rel_floor`` for bright stamps) plus ``aperture_weight`` x the squared relative error of
 the flux in the central aperture. With ``compress = c`` the decoder's output and the target are both
 taken through ``u = c * asinh(y / c)`` first: identical below c, a relative error above it, so a star
-thousands of times brighter than the central source is kept (to a few per cent) instead of clipped.
+thousands of times brighter than the central source is reconstructed to a relative precision instead of
+being clipped at c (how well depends on the training data: see the README's image benchmark).
 Decoding multiplies by the quantised scale: it returns flux per output pixel in the survey's native unit.
 
 Token layout per stamp (``n_tokens = 1 + g * g``): ``[scale, content row-major]``; content tokens are
