@@ -43,7 +43,6 @@ FIELDS = {  # name: (file, hdu, band)
 }
 SPLIT_FRAC = 0.55
 STEPS_QUICK, STEPS_FULL = 600, 2000
-TARGET_CLIP = None  # ImageTokenizerConfig.target_clip (None: the input clip, 8x the scale token)
 WIN_METRICS = ("aperture_rel_flux_err_median", "rms_per_pixel_sigma", "rms_core_sigma",
                "rms_stamp_median_sigma", "rms_per_pixel_uncontaminated_sigma")
 APERTURE_ARCSEC, CORE_ARCSEC, MIN_APERTURE_SNR = 0.5, 1.5, 20.0
@@ -197,7 +196,7 @@ def _throughput(tok: ImageTokenizer, images: list[Image], n: int) -> dict:
 def run(seed: int, quick: bool) -> dict:
     t_start = time.perf_counter()
     cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=STEPS_QUICK if quick else STEPS_FULL, seed=seed,
-                               target_clip=TARGET_CLIP, n_threads=1)  # one thread: the box is shared
+                               n_threads=1)  # one thread: the box is shared
     cfht_stamps, cfht_images, cfht_sigma = _field_stamps("cfht_a370", cfg)
     _, a478_images, _ = _field_stamps("hst_a478", cfg)
     _, hdfs_images, hdfs_sigma = _field_stamps("hst_hdfs", cfg)

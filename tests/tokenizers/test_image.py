@@ -38,6 +38,16 @@ def tok(images):
     return ImageTokenizer(ImageTokenizerConfig(**TINY)).fit(images)
 
 
+def _saved_without(tok, directory, key):
+    """``tok`` saved to ``directory`` with ``key`` deleted from its config (a file from before that key), loaded."""
+    tok.save(directory)
+    cfg_file = directory / "image_tokenizer.json"
+    state = json.loads(cfg_file.read_text())
+    del state["config"][key]
+    cfg_file.write_text(json.dumps(state))
+    return ImageTokenizer.load(directory)
+
+
 def test_arcsinh_stretch_inverse_is_exact():
     f = np.array([-1e4, -3.0, 0.0, 1e-6, 2.5, 7e5])
     s = np.array(15.0)
@@ -168,12 +178,7 @@ def test_target_clip_default_is_max_input_and_old_saved_configs_load(tok, images
     assert not np.array_equal(w[0], w[2])  # a higher clip changes the targets of the real stamps' bright pixels
     unused = [ImageTokenizer(ImageTokenizerConfig(**{**short, "compress": 8.0}, **kw)).fit(bright) for kw in ({}, {"target_clip": 64.0})]
     np.testing.assert_array_equal(*(n.model.head.weight.detach().numpy() for n in unused))  # compress ignores the clip
-    tok.save(tmp_path / "old")  # a tokenizer saved before target_clip existed: its config has no such key
-    cfg_file = tmp_path / "old" / "image_tokenizer.json"
-    state = json.loads(cfg_file.read_text())
-    del state["config"]["target_clip"]
-    cfg_file.write_text(json.dumps(state))
-    old = ImageTokenizer.load(tmp_path / "old")
+    old = _saved_without(tok, tmp_path / "old", "target_clip")  # saved before target_clip existed
     assert old.config.target_clip is None
     np.testing.assert_array_equal(old.encode(images[:8]), tok.encode(images[:8]))
 
@@ -239,12 +244,7 @@ def test_compress_keeps_bright_neighbours_that_the_clip_loses(stamps, tmp_path):
 
 def test_saved_configs_without_compress_load_as_linear_decoders(images, tmp_path):
     tok = ImageTokenizer(ImageTokenizerConfig(**{**TINY, "steps": 40}, compress=None)).fit(images)
-    tok.save(tmp_path / "v2")
-    cfg_file = tmp_path / "v2" / "image_tokenizer.json"
-    state = json.loads(cfg_file.read_text())
-    del state["config"]["compress"]
-    cfg_file.write_text(json.dumps(state))
-    old = ImageTokenizer.load(tmp_path / "v2")
+    old = _saved_without(tok, tmp_path / "v2", "compress")
     assert old.config.compress is None
     t = tok.encode(images[:8])
     np.testing.assert_array_equal(old.decode(t, "cfht_i"), tok.decode(t, "cfht_i"))
