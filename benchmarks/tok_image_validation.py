@@ -43,14 +43,13 @@ def run(target_clip: float | None, steps: int, seed: int, compress: float | None
         "hst_a478_val": ([im for im, x in zip(a478_images, a478.x_pix) if x > cut + gap], a478_sigma, "hst_f814w"),
     }
     tok = ImageTokenizer(cfg).fit(train)
-    baselines, _ = T._baselines(tok.preprocess(train), tok.token_grid, tok.content_vocab_size)
+    baselines, _ = T._baselines(T.baseline_prep(tok, train), tok.token_grid, tok.content_vocab_size)
     result = {"target_clip": target_clip, "compress": compress, "levels": list(levels), "steps": steps, "seed": seed, "n_train": len(train)}
     for name, (images, sigma, survey) in val.items():
-        prep = tok.preprocess(images)
-        row = {"n_stamps": len(images),
-               "learned": T._metrics(tok.decode(tok.encode_prepared(prep), survey), prep, sigma, cfg.pixel_scale_arcsec)}
+        prep, bprep = tok.preprocess(images), T.baseline_prep(tok, images)
+        row = {"n_stamps": len(images), **T.learned_rows(tok, prep, sigma, survey)}
         for bname, b in baselines.items():
-            row[f"baseline_{bname}"] = T._metrics(b.reconstruct(prep), prep, sigma, cfg.pixel_scale_arcsec)
+            row[f"baseline_{bname}"] = T._metrics(b.reconstruct(bprep), bprep, sigma, cfg.pixel_scale_arcsec)
         result[name] = row
     return result
 

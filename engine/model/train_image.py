@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_MODALITY = "tok_image_cfht_i"
 # 128 flux-scale bins (0.055 dex each) instead of 1024: each bin's token embedding then sees ~10 training
-# stamps instead of ~1; the content codes are unchanged (12 x 12 FSQ tokens of 1000 values).
-IMAGE_TOKENIZER = {"n_scale_bins": 128, "steps": 600}
+# stamps instead of ~1; the content codes are unchanged (12 x 12 FSQ tokens of 1000 values). block_mode off:
+# every stamp in the learned codes, so each content token means one thing to the model (measured that way)
+IMAGE_TOKENIZER = {"n_scale_bins": 128, "steps": 600, "block_mode": False}
 
 
 def image_train_config(**overrides) -> MultimodalTrainConfig:

@@ -20,8 +20,19 @@ being clipped at c (how well depends on the training data: see the README's imag
 Decoding multiplies by the quantised scale: it returns flux per output pixel in the survey's native unit.
 
 Token layout per stamp (``n_tokens = 1 + g * g``): ``[scale, content row-major]``; content tokens are
-``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + bin``), and the last id is ``missing_token``:
-every token of a stamp that has no usable image (never produced by ``encode``; models never embed it).
+``0 .. prod(levels) - 1``, scale tokens follow (``scale_offset + mode * n_scale_bins + bin``), and the last id is
+``missing_token``: every token of a stamp that has no usable image (never produced by ``encode``; models never
+embed it).
+
+Content modes (``block_mode``): mode 0 is the learned codes. Mode 1 spends the same g * g tokens on block
+means: the band-averaged normalised flux of each (S/g)^2 block, as asinh uniformly quantized over
+``block_range``, upsampled bilinearly on decode (flux per block kept to the quantisation step, no shape).
+``encode`` decodes both and keeps, per stamp, the one with the lower cost: the training objective on the linear,
+unclipped flux (pixel loss + aperture loss), with the aperture term weighted by ``mode_aperture_weight``. That
+keeps the learned codes for most stamps and takes block means where a star far brighter than the central
+source fills the stamp and the learned decoder's relative error on it costs more than the blocks' coarseness
+costs the central source (see the README's image benchmark). The mode takes one bit of the scale token, so
+the token budget is the same as without it: ``n_scale_bins`` defaults to 512 (x 2 modes = 1024 values).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import CodecError, ConfigError, ModalityError
@@ -56,7 +68,7 @@ class ImageTokenizerConfig:
     crop_size: int = 96
     pixel_scale_arcsec: float = 0.1
     levels: tuple[int, ...] = (8, 5, 5, 5)
-    n_scale_bins: int = 1024
+    n_scale_bins: int = 512  # per content mode: the scale token takes n_scale_bins * (2 if block_mode else 1) values
     scale_range_dex: tuple[float, float] = (0.0, 7.0)  # log10(flux scale / softening) covered by the scale bins
     scale_aperture_arcsec: float = 0.5
     rel_floor: float = 0.05  # the loss judges bright stamps at this relative precision, faint ones in sky sigma
@@ -68,6 +80,12 @@ class ImageTokenizerConfig:
     # pixel loss is the squared error of u against the unclipped target's u: bright neighbours are
     # reconstructed to a relative precision without dominating the gradient (target_clip is unused)
     compress: float | None = 8.0
+    # True: per stamp, encode picks the learned codes or block means (module docstring), signalled by the scale token
+    block_mode: bool = True
+    block_range: tuple[float, float] = (-4.0, 12.0)  # asinh(block mean / norm) covered by the block-mode content tokens
+    # weight of the aperture term in the cost that picks the mode: > aperture_weight protects the central source's
+    # flux (block means blur it) at some cost in whole-stamp error; chosen on validation (README)
+    mode_aperture_weight: float = 30.0
     n_down: int = 3  # latent grid = crop_size / 2**n_down
     width: int = 16  # channels after the first downsampling; doubles per level up to 4x
     steps: int = 600
@@ -81,6 +99,7 @@ class ImageTokenizerConfig:
         object.__setattr__(self, "surveys", tuple(self.surveys))
         object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
         object.__setattr__(self, "scale_range_dex", tuple(float(v) for v in self.scale_range_dex))
+        object.__setattr__(self, "block_range", tuple(float(v) for v in self.block_range))
         if not self.surveys:
             raise ConfigError("ImageTokenizerConfig.surveys is empty; name at least one survey")
         specs = [survey_spec(s) for s in self.surveys]  # raises ConfigError on unknown names
@@ -110,6 +129,8 @@ class ImageTokenizerConfig:
             "max_input": (self.max_input > 0, "> 0"),
             "target_clip": (self.target_clip is None or self.target_clip > 0, "None or > 0"),
             "compress": (self.compress is None or (math.isfinite(self.compress) and self.compress > 0), "None or finite > 0"),
+            "block_range": (len(self.block_range) == 2 and self.block_range[0] < self.block_range[1], "(lo, hi) with lo < hi"),
+            "mode_aperture_weight": (self.mode_aperture_weight >= 0, ">= 0"),
             "n_threads": (self.n_threads >= 1, ">= 1"),
         }
         for name, (ok, allowed) in checks.items():
@@ -130,6 +151,10 @@ class ImageTokenizerConfig:
     @property
     def token_grid(self) -> int:
         return self.crop_size // 2**self.n_down
+
+    @property
+    def n_modes(self) -> int:
+        return 2 if self.block_mode else 1
 
     @property
     def n_tokens(self) -> int:
@@ -282,7 +307,7 @@ class ImageTokenizer:
     @property
     def missing_token(self) -> int:
         """All tokens of a stamp without a usable image (a null or broken cutout in a catalogue)."""
-        return self.scale_offset + self.config.n_scale_bins
+        return self.scale_offset + self.config.n_modes * self.config.n_scale_bins
 
     @property
     def vocab_size(self) -> int:
@@ -352,8 +377,7 @@ class ImageTokenizer:
         x = torch.from_numpy(prep.x)
         y = torch.from_numpy((prep.target if cfg.compress else np.clip(prep.target, -clip, clip)).astype(np.float32))
         w = torch.from_numpy(prep.valid.astype(np.float32))
-        noise = torch.from_numpy((prep.scale / prep.norm).mean(1).astype(np.float32))  # (N,) sky sigma / norm
-        weight = 1.0 / (noise**2 + cfg.rel_floor**2) * cfg.rel_floor**2  # (N,) 1 for bright stamps
+        weight = torch.from_numpy(_stamp_weight(prep, cfg.rel_floor).astype(np.float32))
         ap = torch.from_numpy(cfg.aperture().astype(np.float32))
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = one_cycle(opt, cfg.lr, cfg.steps)
@@ -381,10 +405,50 @@ class ImageTokenizer:
     def encode_prepared(self, prep: Prepared, batch_size: int = 256) -> np.ndarray:
         """Prepared stamps -> (N, 1 + g * g) int32 tokens: scale token, then the content grid row-major."""
         self._require_fitted()
+        cfg = self.config
         x = torch.from_numpy(prep.x)
-        out = [self.model.encode(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)]
-        content = torch.cat(out).numpy().reshape(len(x), -1)  # (N, g * g)
-        return np.concatenate([(self.scale_offset + prep.scale_bin)[:, None], content], 1).astype(np.int32)
+        content, mode = np.zeros((len(x), cfg.token_grid**2), np.int64), np.zeros(len(x), np.int64)
+        for i in range(0, len(x), batch_size):
+            rows = slice(i, i + batch_size)
+            codes, learned = self.model.encode(x[rows])
+            content[rows] = learned.reshape(len(learned), -1).numpy()
+            if cfg.block_mode:
+                blocks = self._block_indices(prep.flux[rows], prep.valid[rows], prep.norm[rows])
+                cost = [self._mode_cost(y, prep, rows) for y in
+                        (_expand(self.model.decode_codes(codes), cfg.compress).double(), self._block_image(blocks))]
+                mode[rows] = (cost[1] < cost[0]).numpy()
+                content[rows] = np.where(mode[rows, None] == 1, blocks.reshape(len(blocks), -1), content[rows])
+        scale = self.scale_offset + mode * cfg.n_scale_bins + prep.scale_bin
+        return np.concatenate([scale[:, None], content], 1).astype(np.int32)
+
+    def _block_indices(self, flux: np.ndarray, valid: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        """(B, C, S, S) flux, validity, (B, C) norm -> (B, g, g) block-mode content tokens: the mean over bands of
+        each block's mean valid normalised flux, as asinh uniformly quantized over ``block_range``."""
+        b, c, s, _ = flux.shape
+        g = self.token_grid
+        y = np.where(valid, flux / norm[:, :, None, None], 0.0).reshape(b, c, g, s // g, g, s // g).sum((3, 5))
+        n = valid.reshape(b, c, g, s // g, g, s // g).sum((3, 5))
+        mean = np.where(n > 0, y / np.maximum(n, 1), 0.0).mean(1)  # (B, g, g)
+        lo, hi = self.config.block_range
+        step = (hi - lo) / (self.content_vocab_size - 1)
+        return np.round((np.clip(np.arcsinh(mean), lo, hi) - lo) / step).astype(np.int64)
+
+    def _block_image(self, blocks: np.ndarray) -> torch.Tensor:
+        """(B, g, g) block-mode content tokens -> (B, C, S, S) float64 normalised flux (bilinear upsampling)."""
+        lo, hi = self.config.block_range
+        mean = np.sinh(lo + blocks * (hi - lo) / (self.content_vocab_size - 1))
+        s = self.config.crop_size
+        up = F.interpolate(torch.from_numpy(mean[:, None]), size=(s, s), mode="bilinear", align_corners=False)
+        return up.expand(-1, self.config.n_bands, -1, -1)
+
+    def _mode_cost(self, y: torch.Tensor, prep: Prepared, rows: slice) -> torch.Tensor:
+        """(B,) cost of a reconstruction ``y`` (normalised flux) of the stamps ``rows``, by which ``encode`` picks the
+        content mode: the training objective on the linear unclipped flux, aperture term x ``mode_aperture_weight``."""
+        cfg = self.config
+        target = torch.from_numpy(prep.target[rows])
+        valid = torch.from_numpy(prep.valid[rows].astype(np.float64))
+        pix, aper = _losses(y, target, valid, torch.from_numpy(cfg.aperture().astype(np.float64)))
+        return pix * torch.from_numpy(_stamp_weight(prep, cfg.rel_floor)[rows]) + cfg.mode_aperture_weight * aper
 
     def encode(self, images: Sequence[Image]) -> np.ndarray:
         """Images -> (N, 1 + g * g) int32 tokens in [0, missing_token)."""
@@ -392,7 +456,7 @@ class ImageTokenizer:
 
     def _check_tokens(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (N, n_tokens) -> (tokens, missing (N,) bool: rows of ``missing_token`` only); other rows must
-        hold a scale token then content tokens."""
+        hold a scale token (any mode) then content tokens."""
         tokens = np.asarray(tokens)
         n = self.config.n_tokens
         if tokens.ndim != 2 or tokens.shape[1] != n:
@@ -409,18 +473,28 @@ class ImageTokenizer:
 
     @torch.no_grad()
     def decode_normalised(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, 1 + g * g) tokens -> (N, C, S, S) flux / norm (the scale token is ignored); NaN for missing rows."""
+        """(N, 1 + g * g) tokens -> (N, C, S, S) flux / norm (the scale token gives the content mode only); NaN
+        for missing rows."""
         self._require_fitted()
+        cfg = self.config
         tokens, missing = self._check_tokens(tokens)
         g = self.token_grid
-        t = torch.from_numpy(np.where(missing[:, None], 0, tokens[:, 1:]).reshape(-1, g, g).astype(np.int64))
+        content = np.where(missing[:, None], 0, tokens[:, 1:]).reshape(-1, g, g).astype(np.int64)
+        blocks = ~missing & (self._modes(tokens) == 1)
+        flat = np.full((len(tokens), cfg.n_bands, cfg.crop_size, cfg.crop_size), np.nan, np.float32)
+        learned = np.flatnonzero(~missing & ~blocks)
         q = self.model.quantizer
-        out = [self.model.decode_codes(q.indices_to_codes(t[i : i + batch_size])) for i in range(0, len(t), batch_size)]
-        if not out:
-            return np.zeros((0, self.config.n_bands, self.config.crop_size, self.config.crop_size), np.float32)
-        flat = _expand(torch.cat(out), self.config.compress).numpy()
-        flat[missing] = np.nan
+        for i in range(0, len(learned), batch_size):
+            rows = learned[i : i + batch_size]
+            codes = q.indices_to_codes(torch.from_numpy(content[rows]))
+            flat[rows] = _expand(self.model.decode_codes(codes), cfg.compress).numpy()
+        if blocks.any():
+            flat[blocks] = self._block_image(content[blocks]).numpy()
         return flat
+
+    def _modes(self, tokens: np.ndarray) -> np.ndarray:
+        """(N,) content mode of each row's scale token (0: learned codes, 1: block means); rows checked already."""
+        return (tokens[:, 0].astype(np.int64) - self.scale_offset) // self.config.n_scale_bins
 
     def decode_scale(self, tokens: np.ndarray, survey: str) -> np.ndarray:
         """(N, 1 + g * g) tokens -> (N, C) quantised flux scale ``norm`` in the survey's native unit per output pixel
@@ -428,7 +502,7 @@ class ImageTokenizer:
         if survey not in self.config.surveys:
             raise ModalityError(f"ImageTokenizer.decode: expected a survey in {self.config.surveys}; got {survey!r}")
         tokens, missing = self._check_tokens(tokens)
-        bins = np.where(missing, 0, tokens[:, 0].astype(np.int64) - self.scale_offset)
+        bins = np.where(missing, 0, (tokens[:, 0].astype(np.int64) - self.scale_offset) % self.config.n_scale_bins)
         soft = stretch_scale(survey_spec(survey), self.config.pixel_scale_arcsec)
         return np.where(missing[:, None], np.nan, scale_bin_centres(self.config)[bins][:, None] * soft[None, :])
 
@@ -462,8 +536,8 @@ class ImageTokenizer:
                 f"{directory}: saved tokenizer has kind={state.get('kind')!r} format_version={state.get('format_version')!r}; "
                 f"expected kind='image' format_version={FORMAT_VERSION}"
             )
-        # files written before ``compress`` existed (format 2) hold linear-output decoders
-        config = ImageTokenizerConfig(**{"compress": None, **state["config"]})
+        # files written before ``compress`` / ``block_mode`` existed (format 2) hold linear-output decoders and one mode
+        config = ImageTokenizerConfig(**{"compress": None, "block_mode": False, **state["config"]})
         tok = cls(config, fitted=True)
         tok.model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         tok.model.eval()
@@ -489,6 +563,13 @@ def _expand(u: torch.Tensor, compress: float | None) -> torch.Tensor:
     if not compress:
         return u
     return compress * torch.sinh((u / compress).clamp(-MAX_COMPRESSED, MAX_COMPRESSED))
+
+
+def _stamp_weight(prep: Prepared, rel_floor: float) -> np.ndarray:
+    """(N,) weight of each stamp's pixel loss: 1 / (sky sigma^2 + (rel_floor norm)^2), in units of 1 / (rel_floor
+    norm)^2 (sky-noise units for faint stamps, saturating at 1 for bright ones)."""
+    noise = (prep.scale / prep.norm).mean(1)  # sky sigma / norm
+    return rel_floor**2 / (noise**2 + rel_floor**2)
 
 
 def _losses(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ap: torch.Tensor,

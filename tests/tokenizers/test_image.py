@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_round_trip_fidelity_on_real_stamps(tok, images):
     np.testing.assert_allclose(tok.decode_scale(tokens, "cfht_i"), prep.norm, rtol=1e-12)
     ap = tok.config.aperture()
     u = prep.flux[:, 0][:, ap].mean(-1) / prep.scale[:, 0]
-    half_bin = 10 ** (0.5 * 7.0 / 1024)
+    half_bin = 10 ** (0.5 * 7.0 / tok.config.n_scale_bins)
     above = u > 1.0
     assert above.sum() > 10 and np.all(np.abs(np.log10(prep.norm[above, 0] / prep.scale[above, 0] / u[above])) <= np.log10(half_bin) + 1e-9)
     # source pixels (> 3 softening scales) are reconstructed clearly better than predicting empty sky
@@ -167,6 +168,10 @@ def test_bad_configs_are_rejected():
         ImageTokenizerConfig(target_clip=0.0)
     with pytest.raises(ConfigError, match=r"compress=inf; expected None or finite > 0"):
         ImageTokenizerConfig(compress=float("inf"))
+    with pytest.raises(ConfigError, match=r"block_range=\(3.0, -3.0\); expected \(lo, hi\) with lo < hi"):
+        ImageTokenizerConfig(block_range=(3, -3))
+    with pytest.raises(ConfigError, match=r"mode_aperture_weight=-1.0; expected >= 0"):
+        ImageTokenizerConfig(mode_aperture_weight=-1.0)
 
 
 def test_target_clip_default_is_max_input_and_old_saved_configs_load(tok, images, tmp_path):
@@ -208,8 +213,9 @@ def test_compress_is_linear_below_c_and_exact_in_its_own_domain():
     assert float(pix_c) < 1e-8 * float(pix_lin)
 
 
-def test_compress_keeps_bright_neighbours_that_the_clip_loses(stamps, tmp_path):
-    # real stamps, each with a star ~300x the central source's peak added away from the centre
+@pytest.fixture(scope="module")
+def starred(stamps):
+    """The first 16 real stamps, each with a star ~300x the central source's peak added away from the centre."""
     rng = np.random.default_rng(0)
     pixels = stamps.pixels[:16, None].astype(np.float64).copy()
     yy, xx = np.mgrid[:48, :48]
@@ -219,8 +225,12 @@ def test_compress_keeps_bright_neighbours_that_the_clip_loses(stamps, tmp_path):
             cy, cx = rng.uniform(6, 42, 2)
         peak = 300 * np.nanmax(pixels[k, 0, 20:28, 20:28])
         pixels[k, 0] += peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5**2))
-    images = [Image(p, ("CFHT-I",), stamps.pixel_scale_arcsec) for p in pixels]
-    cfg = {**TINY, "steps": 200, "train_crop": 96}
+    return [Image(p, ("CFHT-I",), stamps.pixel_scale_arcsec) for p in pixels]
+
+
+def test_compress_keeps_bright_neighbours_that_the_clip_loses(starred, tmp_path):
+    images = starred
+    cfg = {**TINY, "steps": 200, "train_crop": 96, "block_mode": False}  # the learned codes alone
     clipped = ImageTokenizer(ImageTokenizerConfig(**cfg, compress=None)).fit(images)
     soft = ImageTokenizer(ImageTokenizerConfig(**cfg)).fit(images)  # compress = 8 is the default
     prep = soft.preprocess(images)
@@ -265,3 +275,58 @@ def test_array_path_equals_image_objects_and_missing_rows_decode_to_nan(tok, ima
     allowed = tok.allowed_tokens()
     assert allowed.shape == (145, 2025) and allowed[np.arange(145)[:, None], tokens[[0, 1, 2, 3, 5]].T].all()
     assert allowed[0].sum() == 1024 and allowed[1].sum() == 1000 and not allowed[:, tok.missing_token].any()
+
+
+def _forced(tok, prep, mode):
+    """Tokens of every stamp in one content mode: 0 the learned codes, 1 block means."""
+    if mode == 0:
+        return ImageTokenizer(replace(tok.config, block_mode=False), tok.model, fitted=True).encode_prepared(prep)
+    tokens = tok.encode_prepared(prep)
+    tokens[:, 0] = tok.scale_offset + tok.config.n_scale_bins + prep.scale_bin
+    tokens[:, 1:] = tok._block_indices(prep.flux, prep.valid, prep.norm).reshape(len(tokens), -1)
+    return tokens
+
+
+def test_block_mode_keeps_the_cheaper_mode_per_stamp(tok, images, starred):
+    # the module's tokenizer never saw a star 300x its central source: on those stamps it falls back to block means
+    prep = tok.preprocess(images + starred)
+    tokens = tok.encode_prepared(prep)
+    mode = tok._modes(tokens)
+    assert set(np.unique(mode)) == {0, 1} and mode[len(images):].all()
+    assert mode[: len(images)].mean() < 0.25  # measured 0.14 with this 8-channel, 120-step net
+    forced = [_forced(tok, prep, m) for m in (0, 1)]
+    decoded = [tok.decode_normalised(t) for t in forced]
+    cost = np.stack([tok._mode_cost(torch.from_numpy(d.astype(np.float64)), prep, slice(None)).numpy() for d in decoded])
+    np.testing.assert_array_equal(mode, np.argmin(cost, 0))
+    for m in (0, 1):  # each row is exactly its mode's encoding; the scale bin is the same in both modes
+        np.testing.assert_array_equal(tokens[mode == m], forced[m][mode == m])
+    np.testing.assert_array_equal(tok.decode_scale(forced[0], "cfht_i"), tok.decode_scale(forced[1], "cfht_i"))
+    # block means keep the starred stamps' flux; the learned codes lose almost all of it
+    star = slice(len(images), None)
+    total = prep.flux[star].sum((1, 2, 3))
+    rel = {m: np.median(np.abs(tok.decode(forced[m][star], "cfht_i").sum((1, 2, 3)) / total - 1)) for m in (0, 1)}
+    assert rel[1] < 0.02 and rel[0] > 0.5, rel  # measured 0.003 and 0.98
+
+
+def test_block_mode_tokens_are_quantized_block_means(tok, images):
+    prep = tok.preprocess(images[:8])
+    blocks = tok._block_indices(prep.flux, prep.valid, prep.norm)  # (8, 12, 12)
+    y = np.where(prep.valid, prep.target, 0.0)[:, 0].reshape(8, 12, 8, 12, 8)
+    n = prep.valid[:, 0].reshape(8, 12, 8, 12, 8).sum((2, 4))
+    mean = y.sum((2, 4)) / np.maximum(n, 1)
+    lo, hi = tok.config.block_range
+    step = (hi - lo) / (tok.content_vocab_size - 1)
+    assert np.abs(lo + blocks * step - np.arcsinh(mean)).max() <= step / 2 + 1e-12
+    # decode upsamples them bilinearly: smooth within a block, and the stamp's total is exactly 64x the blocks' sum
+    image = tok._block_image(blocks).numpy()
+    np.testing.assert_allclose(image.sum((1, 2, 3)), 64 * np.sinh(lo + blocks * step).sum((1, 2)), rtol=1e-10)
+    flat = tok._block_image(np.full((1, 12, 12), 700)).numpy()
+    np.testing.assert_allclose(flat, np.sinh(lo + 700 * step), rtol=1e-12)
+
+
+def test_saved_configs_without_block_mode_load_with_the_learned_codes_only(tok, images, starred, tmp_path):
+    old = _saved_without(tok, tmp_path / "nomode", "block_mode")
+    assert old.config.block_mode is False and old.config.n_scale_bins == tok.config.n_scale_bins
+    t = old.encode(starred)
+    assert (old._modes(t) == 0).all() and old.missing_token == 1000 + tok.config.n_scale_bins
+    np.testing.assert_array_equal(t, _forced(tok, tok.preprocess(starred), 0))
