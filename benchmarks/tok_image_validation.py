@@ -1,6 +1,7 @@
 """Choose image-tokenizer settings on a validation split of the bench_tokenizers TRAINING stamps only.
 
-    python benchmarks/tok_image_validation.py [--target-clip 8 | --compress 8] [--steps 600] [--seed 0]
+    python benchmarks/tok_image_validation.py [--target-clip 8 | --compress 8] [--levels ...] [--train-crop 48]
+                                              [--steps 600] [--seed 0]
 
 Train on CFHT A370 x < 42% of the width + HST A478 x below its 80th percentile; validate on the
 CFHT stamps between 42% (plus one stamp, no shared pixel) and 55% of the width (the cluster core)
@@ -27,10 +28,10 @@ CFHT_WIDTH, TRAIN_FRAC, A478_QUANTILE = 1909, 0.42, 0.8
 
 
 def run(target_clip: float | None, steps: int, seed: int, compress: float | None = ImageTokenizerConfig.compress,
-        levels: tuple[int, ...] = ImageTokenizerConfig.levels) -> dict:
+        levels: tuple[int, ...] = ImageTokenizerConfig.levels, train_crop: int = ImageTokenizerConfig.train_crop) -> dict:
     torch.set_num_threads(1)
     cfg = ImageTokenizerConfig(surveys=("hst_f606w", "hst_f814w", "cfht_i"), steps=steps, seed=seed, n_threads=1,
-                               target_clip=target_clip, compress=compress, levels=levels)
+                               target_clip=target_clip, compress=compress, levels=levels, train_crop=train_crop)
     cfht, cfht_images, cfht_sigma = T._field_stamps("cfht_a370", cfg)
     a478, a478_images, a478_sigma = T._field_stamps("hst_a478", cfg)
     gap = cfht.pixels.shape[-1]  # two half-stamps: no pixel shared between train and validation
@@ -44,7 +45,8 @@ def run(target_clip: float | None, steps: int, seed: int, compress: float | None
     }
     tok = ImageTokenizer(cfg).fit(train)
     baselines, _ = T._baselines(T.baseline_prep(tok, train), tok.token_grid, tok.content_vocab_size)
-    result = {"target_clip": target_clip, "compress": compress, "levels": list(levels), "steps": steps, "seed": seed, "n_train": len(train)}
+    result = {"target_clip": target_clip, "compress": compress, "levels": list(levels), "train_crop": train_crop, "steps": steps,
+              "seed": seed, "n_train": len(train)}
     for name, (images, sigma, survey) in val.items():
         prep, bprep = tok.preprocess(images), T.baseline_prep(tok, images)
         row = {"n_stamps": len(images), **T.learned_rows(tok, prep, sigma, survey)}
@@ -60,7 +62,8 @@ if __name__ == "__main__":
     p.add_argument("--compress", type=float, default=ImageTokenizerConfig.compress,
                    help="ImageTokenizerConfig.compress (0: None, the linear-output decoder)")
     p.add_argument("--levels", type=int, nargs="+", default=list(ImageTokenizerConfig.levels), help="FSQ levels")
+    p.add_argument("--train-crop", type=int, default=ImageTokenizerConfig.train_crop, help="training crop size (pixels)")
     p.add_argument("--steps", type=int, default=T.STEPS_QUICK)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    print(json.dumps(run(a.target_clip, a.steps, a.seed, a.compress or None, tuple(a.levels)), indent=2))
+    print(json.dumps(run(a.target_clip, a.steps, a.seed, a.compress or None, tuple(a.levels), a.train_crop), indent=2))
