@@ -26,13 +26,14 @@ embed it).
 
 Content modes (``block_mode``): mode 0 is the learned codes. Mode 1 spends the same g * g tokens on block
 means: the band-averaged normalised flux of each (S/g)^2 block, as asinh uniformly quantized over
-``block_range``, upsampled bilinearly on decode (flux per block kept to the quantisation step, no shape).
+``block_range``, upsampled bilinearly on decode (which keeps the stamp's total exactly: no shape within a block).
 ``encode`` decodes both and keeps, per stamp, the one with the lower cost: the training objective on the linear,
 unclipped flux (pixel loss + aperture loss), with the aperture term weighted by ``mode_aperture_weight``. That
 keeps the learned codes for most stamps and takes block means where a star far brighter than the central
 source fills the stamp and the learned decoder's relative error on it costs more than the blocks' coarseness
-costs the central source (see the README's image benchmark). The mode takes one bit of the scale token, so
-the token budget is the same as without it: ``n_scale_bins`` defaults to 512 (x 2 modes = 1024 values).
+costs the central source (see the README's image benchmark). Running the decoder makes encode ~5x slower on
+a CPU. The mode takes one bit of the scale token, so the token budget is the same as without it:
+``n_scale_bins`` defaults to 512 (x 2 modes = 1024 values).
 """
 
 from __future__ import annotations
