@@ -247,7 +247,8 @@ def run(seed: int, quick: bool) -> dict:
                    "n_tokens_per_stamp": cfg.n_tokens, "content_vocab": levels, "n_scale_bins": cfg.n_scale_bins,
                    "steps": cfg.steps, "train_crop": cfg.train_crop, "rel_floor": cfg.rel_floor,
                    "aperture_weight": cfg.aperture_weight, "max_input": cfg.max_input, "target_clip": cfg.target_clip,
-                   "compress": cfg.compress, "block_mode": cfg.block_mode, "block_range": list(cfg.block_range)},
+                   "compress": cfg.compress, "block_mode": cfg.block_mode, "block_range": list(cfg.block_range),
+                   "mode_aperture_weight": cfg.mode_aperture_weight},
         "budget": f"every method: 1 scale token of {cfg.n_modes * cfg.n_scale_bins} values (learned: {cfg.n_scale_bins} "
                   f"bins x {cfg.n_modes} content modes) + {grid * grid} values of {levels} levels",
         "n_fit_stamps": len(fit_images),
