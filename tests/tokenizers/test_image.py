@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.errors import CodecError, ConfigError, ModalityError
-from engine.modalities.images import Image
+from engine.modalities.images import Image, survey_spec
 from engine.tokenizers.image import (
     ImageTokenizer,
     ImageTokenizerConfig,
@@ -330,3 +330,29 @@ def test_saved_configs_without_block_mode_load_with_the_learned_codes_only(tok, 
     t = old.encode(starred)
     assert (old._modes(t) == 0).all() and old.missing_token == 1000 + tok.config.n_scale_bins
     np.testing.assert_array_equal(t, _forced(tok, tok.preprocess(starred), 0))
+
+
+def test_block_mode_on_a_four_band_survey_shares_the_band_mean(stamps, starred):
+    # Legacy griz stamps made from the real CFHT ones: each band is the stamp in units of that band's softening
+    soft = np.array(survey_spec("legacy").stretch_scales)[:, None, None] * (stamps.pixel_scale_arcsec / 0.262) ** 2
+
+    def to_legacy(pixels):
+        return [Image(p / 15.0 * soft, survey_spec("legacy").bands, stamps.pixel_scale_arcsec) for p in pixels]
+
+    plain = to_legacy(stamps.pixels[:, None].astype(np.float64))
+    stars = to_legacy(np.stack([im.flux for im in starred]))
+    tok = ImageTokenizer(ImageTokenizerConfig(**{**TINY, "surveys": ("legacy",), "steps": 40})).fit(plain)
+    prep = tok.preprocess(plain + stars)
+    tokens = tok.encode_prepared(prep)
+    mode = tok._modes(tokens)
+    assert mode[len(plain):].all() and not mode[: len(plain)].all()  # measured: 7 of the 43 plain stamps in block mode
+    forced = [_forced(tok, prep, m) for m in (0, 1)]
+    cost = np.stack([tok._mode_cost(torch.from_numpy(tok.decode_normalised(t).astype(np.float64)), prep, slice(None)).numpy()
+                     for t in forced])
+    np.testing.assert_array_equal(mode, np.argmin(cost, 0))
+    # every band of a block-mode stamp decodes to the same normalised image, and here (the same image in every
+    # band, in softening units) that keeps each band's total flux
+    y = tok.decode_normalised(tokens[mode == 1])
+    np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1], y.shape))
+    flux, true = tok.decode(tokens[mode == 1], "legacy"), prep.flux[mode == 1]
+    assert np.median(np.abs(flux.sum((2, 3)) / true.sum((2, 3)) - 1)) < 0.02
