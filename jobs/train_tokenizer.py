@@ -6,7 +6,9 @@ scalar:   --input takes Parquet catalogues; --columns names the columns (default
 image:    --input takes single-band FITS fields of survey --survey (e.g. cfht_i); stamps are cut around the
           detected sources (engine.tokenizers.stamps) and the registered tok_image_<survey> codec is trained;
           --hdu picks the image HDU (default: the first 2-D one), --steps the training steps, --saturation
-          the level at and above which pixels are masked ("header": the SATURATE / MAXLIN keyword, "none", or a number).
+          the level at and above which pixels are masked ("header": the SATURATE / MAXLIN keyword, "none", or a number);
+          --no-block-mode keeps every stamp in the learned codes (encode ~5x faster on a CPU; the mode bit of the
+          scale token goes to twice the scale bins).
 The resolved config is written next to the output as config.json.
 """
 
@@ -51,7 +53,10 @@ def _image(a: argparse.Namespace, paths: list[str]):
     from engine.tokenizers.stamps import first_image_hdu, read_field, stamp_images
 
     overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None}
-    tok = entry(f"tok_image_{a.survey}").build(**overrides)
+    registered = entry(f"tok_image_{a.survey}")
+    tok = registered.build(**overrides)
+    if a.no_block_mode and tok.config.block_mode:
+        tok = registered.build(**overrides, block_mode=False, n_scale_bins=2 * tok.config.n_scale_bins)
     cfg, bands = tok.config, survey_spec(a.survey).bands
     images = []
     for path in paths:
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help="image: training steps")
     p.add_argument("--saturation", default="header", help="image: mask pixels at or above this level: 'header' "
                    "(the SATURATE or MAXLIN keyword, if any), 'none', or a number in the image's units")
+    p.add_argument("--no-block-mode", action="store_true", help="image: learned codes for every stamp (faster encode)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     paths = sorted({f for pattern in a.input for f in (glob.glob(pattern) or [pattern])})

@@ -52,3 +52,13 @@ def test_saturation_option_reaches_the_stamp_cutter(tmp_path):
     main(["--kind", "image", "--survey", "cfht_i", "--input", str(CUTOUT), "--out", str(tmp_path / "t"), "--steps", "3",
           "--saturation", str(level)])
     assert ImageTokenizer.load(tmp_path / "t").config.steps == 3
+
+
+def test_no_block_mode_gives_the_mode_bit_to_the_scale(tmp_path):
+    main(["--kind", "image", "--survey", "cfht_i", "--input", str(CUTOUT), "--out", str(tmp_path / "t"), "--steps", "3",
+          "--no-block-mode"])
+    tok = ImageTokenizer.load(tmp_path / "t")
+    assert tok.config.block_mode is False and tok.config.n_scale_bins == 1024 and tok.missing_token == 1000 + 1024
+    field = read_field(CUTOUT, first_image_hdu(CUTOUT))
+    tokens = tok.encode(stamp_images(field, ("CFHT-I",), 96, 0.1)[1])
+    assert (tok._modes(tokens) == 0).all() and tokens[:, 0].max() < tok.missing_token
