@@ -177,11 +177,16 @@ def baseline_prep(tok: ImageTokenizer, images: list[Image]) -> Prepared:
     return ImageTokenizer(replace(cfg, n_scale_bins=cfg.n_modes * cfg.n_scale_bins, block_mode=False)).preprocess(images)
 
 
+def _codes_only(tok: ImageTokenizer) -> ImageTokenizer:
+    """The same fitted network with ``block_mode`` off: every stamp in the learned codes."""
+    return ImageTokenizer(replace(tok.config, block_mode=False), tok.model, fitted=True)
+
+
 def learned_rows(tok: ImageTokenizer, prep: Prepared, sigma: float, survey: str) -> dict:
     """Metrics of the tokenizer as configured ("learned") and of its learned codes alone, and the stamps that
     ``encode`` put in block mode."""
     tokens = tok.encode_prepared(prep)
-    only = ImageTokenizer(replace(tok.config, block_mode=False), tok.model, fitted=True)
+    only = _codes_only(tok)
     scale = tok.config.pixel_scale_arcsec
     return {"distinct_content_tokens_used": int(len(np.unique(tokens[:, 1:]))),
             "n_block_mode_stamps": int((tok._modes(tokens) == 1).sum()),
@@ -205,7 +210,7 @@ def _throughput(tok: ImageTokenizer, images: list[Image], n: int) -> dict:
     """One torch thread: encode from native cutouts (resample + normalise + net) and decode to flux."""
     torch.set_num_threads(1)
     sub = images[:n]
-    only = ImageTokenizer(replace(tok.config, block_mode=False), tok.model, fitted=True)
+    only = _codes_only(tok)
     tok.encode(sub[:16])  # warm-up
     t0 = time.perf_counter()
     tokens = tok.encode(sub)

@@ -54,9 +54,10 @@ def _image(a: argparse.Namespace, paths: list[str]):
 
     overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None}
     registered = entry(f"tok_image_{a.survey}")
+    base = registered.config_class()(**{**registered.config, **overrides})
+    if a.no_block_mode and base.block_mode:
+        overrides.update(block_mode=False, n_scale_bins=2 * base.n_scale_bins)
     tok = registered.build(**overrides)
-    if a.no_block_mode and tok.config.block_mode:
-        tok = registered.build(**overrides, block_mode=False, n_scale_bins=2 * tok.config.n_scale_bins)
     cfg, bands = tok.config, survey_spec(a.survey).bands
     images = []
     for path in paths:

@@ -378,7 +378,7 @@ class ImageTokenizer:
         x = torch.from_numpy(prep.x)
         y = torch.from_numpy((prep.target if cfg.compress else np.clip(prep.target, -clip, clip)).astype(np.float32))
         w = torch.from_numpy(prep.valid.astype(np.float32))
-        weight = torch.from_numpy(_stamp_weight(prep, cfg.rel_floor).astype(np.float32))
+        weight = torch.from_numpy(_stamp_weight(prep.scale, prep.norm, cfg.rel_floor).astype(np.float32))
         ap = torch.from_numpy(cfg.aperture().astype(np.float32))
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = one_cycle(opt, cfg.lr, cfg.steps)
@@ -415,8 +415,8 @@ class ImageTokenizer:
             content[rows] = learned.reshape(len(learned), -1).numpy()
             if cfg.block_mode:
                 blocks = self._block_indices(prep.flux[rows], prep.valid[rows], prep.norm[rows])
-                cost = [self._mode_cost(y, prep, rows) for y in
-                        (_expand(self.model.decode_codes(codes), cfg.compress).double(), self._block_image(blocks))]
+                cost = self._mode_costs(prep, rows, _expand(self.model.decode_codes(codes), cfg.compress).double(),
+                                        self._block_image(blocks))
                 mode[rows] = (cost[1] < cost[0]).numpy()
                 content[rows] = np.where(mode[rows, None] == 1, blocks.reshape(len(blocks), -1), content[rows])
         scale = self.scale_offset + mode * cfg.n_scale_bins + prep.scale_bin
@@ -442,14 +442,19 @@ class ImageTokenizer:
         up = F.interpolate(torch.from_numpy(mean[:, None]), size=(s, s), mode="bilinear", align_corners=False)
         return up.expand(-1, self.config.n_bands, -1, -1)
 
-    def _mode_cost(self, y: torch.Tensor, prep: Prepared, rows: slice) -> torch.Tensor:
-        """(B,) cost of a reconstruction ``y`` (normalised flux) of the stamps ``rows``, by which ``encode`` picks the
-        content mode: the training objective on the linear unclipped flux, aperture term x ``mode_aperture_weight``."""
+    def _mode_costs(self, prep: Prepared, rows: slice, *ys: torch.Tensor) -> list[torch.Tensor]:
+        """(B,) cost of each reconstruction ``y`` (normalised flux) of the stamps ``rows``, by which ``encode`` picks
+        the content mode: the training objective on the linear unclipped flux, aperture term x ``mode_aperture_weight``."""
         cfg = self.config
         target = torch.from_numpy(prep.target[rows])
         valid = torch.from_numpy(prep.valid[rows].astype(np.float64))
-        pix, aper = _losses(y, target, valid, torch.from_numpy(cfg.aperture().astype(np.float64)))
-        return pix * torch.from_numpy(_stamp_weight(prep, cfg.rel_floor)[rows]) + cfg.mode_aperture_weight * aper
+        ap = torch.from_numpy(cfg.aperture().astype(np.float64))
+        weight = torch.from_numpy(_stamp_weight(prep.scale[rows], prep.norm[rows], cfg.rel_floor))
+        costs = []
+        for y in ys:
+            pix, aper = _losses(y, target, valid, ap)
+            costs.append(pix * weight + cfg.mode_aperture_weight * aper)
+        return costs
 
     def encode(self, images: Sequence[Image]) -> np.ndarray:
         """Images -> (N, 1 + g * g) int32 tokens in [0, missing_token)."""
@@ -566,10 +571,10 @@ def _expand(u: torch.Tensor, compress: float | None) -> torch.Tensor:
     return compress * torch.sinh((u / compress).clamp(-MAX_COMPRESSED, MAX_COMPRESSED))
 
 
-def _stamp_weight(prep: Prepared, rel_floor: float) -> np.ndarray:
-    """(N,) weight of each stamp's pixel loss: 1 / (sky sigma^2 + (rel_floor norm)^2), in units of 1 / (rel_floor
-    norm)^2 (sky-noise units for faint stamps, saturating at 1 for bright ones)."""
-    noise = (prep.scale / prep.norm).mean(1)  # sky sigma / norm
+def _stamp_weight(scale: np.ndarray, norm: np.ndarray, rel_floor: float) -> np.ndarray:
+    """(N, C) softening and norm -> (N,) weight of each stamp's pixel loss: 1 / (sky sigma^2 + (rel_floor norm)^2),
+    in units of 1 / (rel_floor norm)^2 (sky-noise units for faint stamps, saturating at 1 for bright ones)."""
+    noise = (scale / norm).mean(1)  # sky sigma / norm
     return rel_floor**2 / (noise**2 + rel_floor**2)
 
 

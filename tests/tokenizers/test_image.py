@@ -296,7 +296,8 @@ def test_block_mode_keeps_the_cheaper_mode_per_stamp(tok, images, starred):
     assert mode[: len(images)].mean() < 0.25  # measured 0.14 with this 8-channel, 120-step net
     forced = [_forced(tok, prep, m) for m in (0, 1)]
     decoded = [tok.decode_normalised(t) for t in forced]
-    cost = np.stack([tok._mode_cost(torch.from_numpy(d.astype(np.float64)), prep, slice(None)).numpy() for d in decoded])
+    cost = np.stack([c.numpy() for c in tok._mode_costs(prep, slice(None), *(torch.from_numpy(d.astype(np.float64))
+                                                                              for d in decoded))])
     np.testing.assert_array_equal(mode, np.argmin(cost, 0))
     for m in (0, 1):  # each row is exactly its mode's encoding; the scale bin is the same in both modes
         np.testing.assert_array_equal(tokens[mode == m], forced[m][mode == m])
@@ -347,8 +348,8 @@ def test_block_mode_on_a_four_band_survey_shares_the_band_mean(stamps, starred):
     mode = tok._modes(tokens)
     assert mode[len(plain):].all() and not mode[: len(plain)].all()  # measured: 7 of the 43 plain stamps in block mode
     forced = [_forced(tok, prep, m) for m in (0, 1)]
-    cost = np.stack([tok._mode_cost(torch.from_numpy(tok.decode_normalised(t).astype(np.float64)), prep, slice(None)).numpy()
-                     for t in forced])
+    decoded = (torch.from_numpy(tok.decode_normalised(t).astype(np.float64)) for t in forced)
+    cost = np.stack([c.numpy() for c in tok._mode_costs(prep, slice(None), *decoded)])
     np.testing.assert_array_equal(mode, np.argmin(cost, 0))
     # every band of a block-mode stamp decodes to the same normalised image, and here (the same image in every
     # band, in softening units) that keeps each band's total flux
